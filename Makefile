@@ -1,0 +1,24 @@
+# The two entry points README starts with. Both create .venv from the pinned
+# requirements (torch pinned exactly: pip then takes the local CPU wheel).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup repro test params
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==26.3
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+repro: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest
+
+params: setup
+	$(PY) -m stages.config

@@ -1,0 +1,1 @@
+"""Measurement scripts whose results README quotes (not tests)."""

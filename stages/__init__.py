@@ -1,0 +1,8 @@
+"""Pipeline stages: one module per DVC stage, each run as `python -m stages.<name>`."""
+
+import logging as _logging
+
+# coremltools warns on import that Core ML prediction is unavailable (Linux) and
+# that this torch is newer than it was tested with. k-means worker processes
+# re-import this package, so quieting it here covers them too.
+_logging.getLogger("coremltools").setLevel(_logging.ERROR)

@@ -1,0 +1,167 @@
+"""Stage 4, convert: the compressed model as a Core ML .mlpackage, then proof
+that the package holds exactly the torch weights.
+
+ct.convert reads the ``_COREML_`` metadata buffers and keeps the compression
+as constexpr ops (constexpr_lut_to_dense, constexpr_lut_to_sparse +
+constexpr_sparse_to_dense, ...). The saved package is read back on its own
+(MIL program, each constexpr op materialised) and every parameter compared
+with the torch weight cast to float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages import config, runtime
+from stages.model import COREML_PREFIX, SentenceEncoder, load_weights
+from stages.schema import ConvertConfig, ModelConfig
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "embedding"
+
+
+def to_mlmodel(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig):
+    """Trace BertModel + pooling for (1, seq_len) int32 inputs and convert it."""
+    import coremltools as ct
+
+    encoder = SentenceEncoder(bert, model_cfg.normalize).eval()
+    shape = (1, cfg.seq_len)
+    example = tuple(torch.ones(shape, dtype=torch.int32) for _ in INPUT_NAMES)
+    with torch.no_grad():
+        traced = torch.jit.trace(encoder, example)
+    return ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=name, shape=shape, dtype=np.int32) for name in INPUT_NAMES],
+        outputs=[ct.TensorType(name=OUTPUT_NAME)],
+        convert_to="mlprogram",
+        # Without a target (iOS15) compression is dropped silently; before iOS18
+        # grouped look-up tables and joint compression are not supported.
+        minimum_deployment_target=getattr(ct.target, cfg.minimum_deployment_target),
+        compute_precision=ct.precision.FLOAT16,
+    )
+
+
+def save_package(mlmodel, path: str | Path) -> None:
+    """Save next to the target, then move into place: an interrupted save never
+    leaves a half-written package under the real name."""
+    path = Path(path)
+    partial = runtime.partial_path(path)
+    shutil.rmtree(partial, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mlmodel.save(str(partial))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(partial, path)
+
+
+def package_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def load_program(path: str | Path):
+    """The MIL program of a saved package (no Core ML runtime needed)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = mlmodel.get_spec()
+    return milproto_load(spec, spec.specificationVersion, mlmodel.weights_dir)
+
+
+def _op_chain(op) -> list[str]:
+    """Op types that produce a weight, innermost first (e.g. lut_to_sparse, sparse_to_dense)."""
+    chain = []
+    for var in op.inputs.values():
+        producer = getattr(var, "op", None)
+        if producer is not None and producer.op_type.startswith("constexpr"):
+            chain += _op_chain(producer)
+    return chain + [op.op_type]
+
+
+def package_weights(program) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Every weight of the program by op name: (value, op chain)."""
+    weights = {}
+    for op in program.functions["main"].operations:
+        if op.op_type.startswith("constexpr"):
+            weights[op.name] = (op.materialized_val_inference(), _op_chain(op))
+        elif op.op_type == "const" and op.outputs[0].val is not None:
+            weights[op.name] = (np.asarray(op.outputs[0].val), ["const"])
+    return weights
+
+
+def package_op_name(param_name: str, prefix: str = "bert") -> list[str]:
+    """Names the torch frontend gives a parameter's final op, in order of preference."""
+    key = f"{prefix}_{param_name.replace('.', '_')}"
+    return [f"{key}_cast_fp16", f"{key}_to_fp16", key]
+
+
+def readback(bert: torch.nn.Module, package: str | Path) -> dict:
+    """Compare every torch parameter with its value read back from the package."""
+    program = load_program(package)
+    weights = package_weights(program)
+    compressed = {f"{module_name}.{key.split('/')[1]}" for module_name, module in bert.named_modules()
+                  for key, _ in module.named_buffers(recurse=False) if key.startswith(COREML_PREFIX + "/")}
+    per_weight, missing, folded = {}, [], []
+    for name, param in bert.named_parameters():
+        found = next((weights[n] for n in package_op_name(name) if n in weights), None)
+        if found is None:
+            # An uncompressed weight may be constant-folded into another const
+            # (the float position and token-type embeddings are); a compressed
+            # one stays a constexpr op and must be found.
+            (missing if name in compressed else folded).append(name)
+            continue
+        value, ops = found
+        expected = param.detach().numpy().astype(np.float16).astype(np.float32)
+        diff = float(np.abs(np.asarray(value, dtype=np.float32).reshape(expected.shape) - expected).max())
+        per_weight[name] = {"ops": ops, "max_abs_diff": diff}
+    if missing:
+        raise RuntimeError(f"compressed weights not found in the package: {missing[:4]}")
+    op_counts = Counter(op.op_type for op in program.functions["main"].operations if op.op_type.startswith("constexpr"))
+    return {
+        "max_abs_diff": max(w["max_abs_diff"] for w in per_weight.values()),
+        "constexpr_ops": dict(sorted(op_counts.items())),
+        "weights": per_weight,
+        "folded_by_converter": folded,
+    }
+
+
+def convert_and_check(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig, out: Path, log) -> dict:
+    with runtime.timed(log, f"ct.convert to {cfg.minimum_deployment_target} mlprogram"):
+        mlmodel = to_mlmodel(bert, model_cfg, cfg)
+    save_package(mlmodel, out)
+    with runtime.timed(log, "read back weights from the package"):
+        report = readback(bert, out)
+    report["package_bytes"] = package_bytes(out)
+    report["tolerance"] = cfg.readback_tolerance
+    report["seq_len"] = cfg.seq_len
+    if report["max_abs_diff"] > cfg.readback_tolerance:
+        raise RuntimeError(f"{out}: weights read back differ from torch by {report['max_abs_diff']:.3g} "
+                           f"> convert.readback_tolerance={cfg.readback_tolerance}")
+    log.info("wrote %s (%d bytes); weights read back equal torch within %.3g",
+             out, report["package_bytes"], report["max_abs_diff"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default=str(config.PARAMS))
+    parser.add_argument("--weights", required=True, help="palettized weights from the palettize stage")
+    parser.add_argument("--out", required=True, help="the .mlpackage to write")
+    parser.add_argument("--report", required=True, help="read-back report (.json)")
+    args = parser.parse_args(argv)
+    params = config.load(("model", "convert"), args.params)
+    log = runtime.setup("convert")
+
+    bert = load_weights(params["model"], args.weights)
+    report = convert_and_check(bert, params["model"], params["convert"], Path(args.out), log)
+    runtime.write_json(report, args.report)
+
+
+if __name__ == "__main__":
+    raise SystemExit(runtime.run_cli(main))

@@ -1,0 +1,179 @@
+"""Stage 3, palettize: k-means look-up tables for every Linear and Embedding weight.
+
+kmeans: data-free PostTrainingPalettizer. sensitive_kmeans: SKMPalettizer
+weighted by the sensitivity cached by the calibrate stage. The embedding
+tables get their own per-type config: under per_grouped_channel coremltools
+would skip the word embedding (30522 rows do not divide by the group size),
+so they are grouped along the hidden axis instead. Pruned zeros survive as
+their own centroid (sparse palettization); the stage reports how many did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from stages import config, runtime
+from stages.model import COREML_PREFIX, compressible_weights, load_weights, save_weights
+from stages.schema import PalettizeConfig, TensorPaletteConfig
+
+
+def module_config(cfg: TensorPaletteConfig, n_bits: int | None = None, channel_axis: int = 0) -> dict:
+    grouped = cfg.granularity == "per_grouped_channel"
+    return {
+        "n_bits": n_bits or cfg.n_bits,
+        "granularity": cfg.granularity,
+        "group_size": cfg.group_size if grouped else None,
+        "channel_axis": channel_axis,
+        "enable_per_channel_scale": cfg.enable_per_channel_scale,
+        "lut_dtype": cfg.lut_dtype,
+    }
+
+
+def palettizer_config(cfg: PalettizeConfig) -> dict:
+    embeddings = cfg.embeddings
+    return {
+        "global_config": module_config(cfg),
+        "module_type_configs": {
+            "Linear": module_config(cfg),
+            "Embedding": module_config(cfg, embeddings.n_bits, embeddings.channel_axis) if embeddings.enabled else None,
+        },
+    }
+
+
+def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None):
+    from coremltools.optimize.torch.palettization import (
+        PostTrainingPalettizer, PostTrainingPalettizerConfig, SKMPalettizer, SKMPalettizerConfig)
+
+    options = palettizer_config(cfg)
+    if cfg.method == "kmeans":
+        palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options))
+        return palettizer.compress(num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
+    if sensitivity is None:
+        raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")
+    palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(options))
+    with tempfile.TemporaryDirectory() as tmp:
+        # SKMPalettizer reads sensitivities only from a torch.save file.
+        path = Path(tmp) / "sensitivity.pt"
+        torch.save(sensitivity, path)
+        return palettizer.compress(sensitivity_path=str(path), num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
+
+
+def _zero_and_kmeans(values: np.ndarray, n_bits: int, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Zero is one look-up entry; exact 1-D k-means spreads the other 2**n - 1
+    over the surviving (non-zero) weights. Returns (new values, look-up table)."""
+    from coremltools._deps import _kmeans1d  # the exact 1-D k-means coremltools itself uses
+
+    lut = np.zeros(2 ** n_bits, dtype=np.float32)
+    out = np.zeros_like(values)
+    alive = values != 0
+    if alive.any():
+        weights = None if importance is None else importance[alive].tolist()
+        result = _kmeans1d.cluster(values[alive].tolist(), 2 ** n_bits - 1, weights=weights)
+        centroids = np.asarray(result.centroids, dtype=np.float32)
+        out[alive] = centroids[np.asarray(result.clusters)]
+        lut[1:1 + centroids.size] = centroids
+    return out, lut
+
+
+def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict[str, torch.Tensor],
+                      sensitivity: dict[str, torch.Tensor] | None) -> int:
+    """Sparse palettization that keeps every pruned zero.
+
+    coremltools clusters zeros together with the small surviving weights: after
+    magnitude pruning zero becomes its own centroid, but after SparseGPT about
+    40% of the pruned positions turn non-zero again. coremltools offers no
+    masked k-means with zero as a fixed entry (its masked mode needs 2**n + 1
+    entries), so pruned Linear weights are re-palettized here with the same
+    grouping and the same exact 1-D k-means, and their look-up tables replaced.
+    Returns how many weights were re-palettized.
+    """
+    from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
+
+    if cfg.enable_per_channel_scale or cfg.lut_dtype:
+        return 0  # scaled or quantized tables: keep coremltools' result (zeros_kept reports it)
+    done = 0
+    for name, module in compressible_weights(model):
+        kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
+        if not isinstance(module, torch.nn.Linear) or kinds is None or kinds.tolist() != [1, 2]:
+            continue
+        weight = pruned[f"{name}.weight"].numpy().astype(np.float32)
+        importance = sensitivity[f"{name}.weight"].numpy() if sensitivity is not None else None
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[0]
+        new_weight = np.zeros_like(weight)
+        tables = []
+        for start in range(0, weight.shape[0], group):  # Linear groups run along output channels
+            rows = slice(start, start + group)
+            values, lut = _zero_and_kmeans(weight[rows].ravel(), cfg.n_bits,
+                                           None if importance is None else importance[rows].ravel())
+            new_weight[rows] = values.reshape(weight[rows].shape)
+            tables.append(lut)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(new_weight))
+        lut = torch.from_numpy(np.stack(tables))[:, None, :, None]  # (groups, 1, 2**n, 1) as coremltools lays it out
+        CompressionMetadata(param_name="weight", lut=lut).register(module)
+        done += 1
+    return done
+
+
+def check_all_palettized(model: torch.nn.Module, cfg: PalettizeConfig) -> None:
+    """coremltools silently skips a weight it cannot group; fail loudly instead."""
+    skipped = []
+    for name, module in compressible_weights(model):
+        if isinstance(module, torch.nn.Embedding) and not cfg.embeddings.enabled:
+            continue
+        if not hasattr(module, "_COREML_/weight/lut"):
+            skipped.append(f"{name} {tuple(module.weight.shape)}")
+    if skipped:
+        raise ValueError(
+            f"palettize.group_size={cfg.group_size}: coremltools left {len(skipped)} weight(s) uncompressed "
+            f"(channels not divisible by the group): {', '.join(skipped[:4])}")
+
+
+def zeros_kept(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[int, int]:
+    """(pruned zeros still zero, pruned zeros) over every pruned weight."""
+    kept = total = 0
+    for name, module in compressible_weights(model):
+        kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
+        if kinds is None or 1 not in kinds.tolist():  # 1: pruning
+            continue
+        zero = before[f"{name}.weight"] == 0
+        total += int(zero.sum())
+        kept += int((module.weight.detach()[zero] == 0).sum())
+    return kept, total
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default=str(config.PARAMS))
+    parser.add_argument("--weights", required=True, help="pruned weights from the prune stage")
+    parser.add_argument("--sensitivity", required=True, help="sensitivity from the calibrate stage")
+    parser.add_argument("--out", required=True, help="palettized weights (.safetensors)")
+    args = parser.parse_args(argv)
+    params = config.load(("model", "palettize"), args.params)
+    cfg: PalettizeConfig = params["palettize"]
+    log = runtime.setup("palettize")
+
+    model = load_weights(params["model"], args.weights)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
+    sensitivity = load_file(args.sensitivity) if cfg.method == "sensitive_kmeans" else None
+    with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits} {cfg.granularity}"):
+        model = palettize(model, cfg, sensitivity)
+    check_all_palettized(model, cfg)
+    repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
+    if repalettized:
+        log.info("re-palettized %d pruned weights with zero as a fixed look-up entry", repalettized)
+    kept, total = zeros_kept(before, model)
+    if total:
+        log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)
+    save_weights(model, args.out, metadata={"stage": "palettize", "method": cfg.method})
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(runtime.run_cli(main))

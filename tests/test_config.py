@@ -1,0 +1,115 @@
+"""params.yaml against conf/, and every kind of bad value failing early and clearly."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run
+from stages import config
+from stages.schema import ConfigError, validate
+
+
+def test_params_yaml_is_the_composition_of_conf():
+    # If this fails: run `python -m stages.config` and commit params.yaml.
+    assert config.PARAMS.read_text(encoding="utf-8") == config.compose_text()
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["prune=magnitude"], ["prune=sparse_gpt", "palettize=kmeans"],
+    ["palettize.granularity=per_tensor", "palettize.group_size=null"], ["palettize.embeddings.enabled=false"],
+])
+def test_every_config_group_composes_into_a_valid_config(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    sections = validate(OmegaConf.to_container(cfg, resolve=True))
+    assert set(sections) == {"model", "data", "prune", "calibrate", "palettize", "convert", "evaluate"}
+
+
+BAD_VALUES = [
+    ("palettize.n_bits", 5, "palettize.n_bits=5 is not allowed; allowed: 1, 2, 3, 4, 6, 8"),
+    ("palettize.n_bits", "four", "palettize.n_bits='four' has the wrong type"),
+    ("palettize.embeddings.n_bits", 7, "palettize.embeddings.n_bits=7 is not allowed; allowed: 1, 2, 3, 4, 6, 8"),
+    ("palettize.group_size", 0, "palettize.group_size=0 is not allowed; allowed: a positive integer"),
+    ("palettize.group_size", -16, "palettize.group_size=-16 is not allowed; allowed: a positive integer"),
+    ("palettize.group_size", 2.5, "palettize.group_size=2.5 has the wrong type"),
+    ("palettize.granularity", "per_block", "palettize.granularity='per_block' is not allowed; allowed: per_tensor, per_grouped_channel"),
+    ("palettize.method", "gptq", "palettize.method='gptq' is not allowed; allowed: kmeans, sensitive_kmeans"),
+    ("palettize.lut_dtype", "int4", "palettize.lut_dtype='int4' is not allowed"),
+    ("prune.target_sparsity", 1.0, "prune.target_sparsity=1.0 is not allowed; allowed: a number in [0, 1)"),
+    ("prune.target_sparsity", -0.1, "prune.target_sparsity=-0.1 is not allowed; allowed: a number in [0, 1)"),
+    ("prune.method", "random", "prune.method='random' is not allowed; allowed: none, magnitude, sparse_gpt"),
+    ("prune.n_m_ratio", [4, 2], "prune.n_m_ratio=[4, 2] is not allowed"),
+    ("calibrate.num_samples", 0, "calibrate.num_samples=0 is not allowed; allowed: a positive integer"),
+    ("calibrate.batch_size", 8, "calibrate.batch_size is not a known key; allowed keys: num_samples, seed"),
+    ("data.dir", "data/missing", "data.dir='data/missing' is not allowed; allowed: an existing directory"),
+    ("data.eval_file", "sts-nope.csv", "data.eval_file='sts-nope.csv' is not allowed; allowed: a file that exists"),
+    ("model.source", "./no/such/model", "model.source='./no/such/model' is not allowed"),
+    ("model.source", "package:not_a_real_package", "model.source='package:not_a_real_package' is not allowed"),
+    ("model.max_length", 1024, "model.max_length=1024 is not allowed"),
+    ("convert.minimum_deployment_target", "iOS15", "convert.minimum_deployment_target='iOS15' is not allowed; allowed: iOS18"),
+]
+
+
+def _with(params: dict, key: str, value) -> dict:
+    changed = copy.deepcopy(params)
+    *parents, last = key.split(".")
+    node = changed
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return changed
+
+
+@pytest.mark.parametrize("key,value,message", BAD_VALUES)
+def test_bad_value_is_one_clear_line(key, value, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    params = yaml.safe_load(config.PARAMS.read_text())
+    with pytest.raises(ConfigError) as caught:
+        validate(_with(params, key, value))
+    text = str(caught.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_magnitude_pruning_needs_a_sparsity():
+    params = yaml.safe_load(config.PARAMS.read_text())
+    params["prune"]["method"] = "magnitude"
+    with pytest.raises(ConfigError, match=r"prune.target_sparsity=0.0 is not allowed; allowed: \(0, 1\) when method=magnitude"):
+        validate(params)
+
+
+@pytest.mark.parametrize("stage", ["validate", "prune", "calibrate", "palettize", "convert", "baseline", "evaluate"])
+def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
+    params = yaml.safe_load(config.PARAMS.read_text())
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_with(params, "palettize.n_bits", 5)))
+    out = tmp_path / "existing-output"
+    out.write_text("cached result")
+    # Every stage validates the whole file first; the output arguments are never reached.
+    args = {"validate": ["--out", str(out)], "prune": ["--out", str(out)],
+            "calibrate": ["--weights", "x", "--out", str(out)],
+            "palettize": ["--weights", "x", "--sensitivity", "x", "--out", str(out)],
+            "convert": ["--weights", "x", "--out", str(out), "--report", str(out)],
+            "baseline": ["--package", str(out), "--embeddings", str(out), "--report", str(out)],
+            "evaluate": ["--weights", "x", "--package", "x", "--readback", "x", "--float-embeddings", "x",
+                         "--float-report", "x", "--metrics", str(out), "--layers", str(out), "--similarities", str(out)]}
+    result = run([sys.executable, "-m", f"stages.{stage}", "--params", str(bad), *args[stage]], ROOT, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: palettize.n_bits=5 is not allowed; allowed: 1, 2, 3, 4, 6, 8"
+    assert out.read_text() == "cached result"
+
+
+def test_config_cli_check_detects_drift(tmp_path):
+    drifted = tmp_path / "params.yaml"
+    drifted.write_text(config.PARAMS.read_text().replace("n_bits: 4", "n_bits: 6", 1))
+    result = run([sys.executable, "-m", "stages.config", "--check", "--params", str(drifted)], ROOT, check=False)
+    assert result.returncode == 1
+    assert "differs from conf/" in result.stderr
+    run([sys.executable, "-m", "stages.config", "--params", str(drifted)], ROOT)
+    assert drifted.read_text() == config.PARAMS.read_text()

@@ -1,0 +1,28 @@
+"""The packaged all-MiniLM-L6-v2 reproduces its published STS-B test score."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from stages.data import eval_pairs, load_pairs
+from stages.evaluate import sts_spearman
+from stages.model import encode, load_float_model, load_tokenizer
+from stages.schema import DataConfig, ModelConfig
+
+
+def test_stsb_splits_load_through_datasets(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = DataConfig()
+    assert [len(load_pairs(cfg, f)) for f in ("sts-train.csv", "sts-dev.csv", "sts-test.csv")] == [5749, 1500, 1379]
+    pairs = eval_pairs(cfg)
+    assert pairs.sentence1[0] == "a girl is styling her hair ." and pairs.scores[0] == 2.5
+    assert (ROOT / "data/stsb/LICENSE.txt").is_file() and (ROOT / "data/stsb/readme.txt").is_file()
+
+
+def test_float_model_reproduces_published_stsb_spearman(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    model_cfg = ModelConfig()  # mean pooling, max_length 128
+    pairs = eval_pairs(DataConfig())
+    embeddings = encode(load_float_model(model_cfg), load_tokenizer(model_cfg), pairs.sentences(), model_cfg)
+    assert sts_spearman(embeddings, pairs) == pytest.approx(82.03, abs=0.005)
