@@ -11,8 +11,11 @@ with the torch weight cast to float16.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from stages.schema import ConvertConfig, ModelConfig
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
+CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
 def to_mlmodel(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig):
@@ -56,8 +60,47 @@ def save_package(mlmodel, path: str | Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(partial))
+    make_reproducible(partial)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(partial, path)
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 over a file, or over a folder's files (relative names and bytes, sorted)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(file.relative_to(path.parent).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def make_reproducible(package: Path) -> None:
+    """Make a saved package a pure function of the model.
+
+    coremltools writes random UUIDs into Manifest.json, serialises protobuf
+    maps in varying order, and stamps the conversion date into the metadata,
+    so the same model would get a new DVC hash on every save. Here the
+    identifiers are derived from the items' content, the spec is serialised
+    deterministically, and the date is dropped (provenance carries the commit).
+    """
+    from coremltools.proto import Model_pb2
+
+    spec_path = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    user = spec.description.metadata.userDefined
+    if CONVERSION_DATE_KEY in user:
+        del user[CONVERSION_DATE_KEY]
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"{item['path']}#{_content_digest(package / 'Data' / item['path'])}")).upper()
+               for old, item in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {renamed[old]: item for old, item in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def package_bytes(path: str | Path) -> int:

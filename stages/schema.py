@@ -190,9 +190,9 @@ class ConvertConfig:
     # Sequence length the model is traced and converted for.
     seq_len: int = 128
     # Weights read back from the package may differ from the float16-cast torch
-    # weights by at most this much. 2**-24 (the smallest float16 subnormal): the
+    # weights by at most this much. 2**-24 = 5.96e-8 is the smallest float16 subnormal: the
     # converter flushes weights smaller than that to zero; all else is exact.
-    readback_tolerance: float = 5.960464477539063e-08
+    readback_tolerance: float = 6.0e-08
 
     def check(self, prefix: str = "convert") -> None:
         _check_choice(f"{prefix}.minimum_deployment_target", self.minimum_deployment_target, DEPLOYMENT_TARGETS)
