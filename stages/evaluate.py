@@ -70,7 +70,8 @@ def layer_table(model: torch.nn.Module, reference: torch.nn.Module, readback: di
             "layer": name,
             "shape": "x".join(map(str, weight.shape)),
             "technique": technique,
-            "package_ops": "+".join(readback["weights"][f"{name}.weight"]["ops"]),
+            # An uncompressed weight the converter folded into another constant has no op of its own.
+            "package_ops": "+".join(readback["weights"].get(f"{name}.weight", {"ops": ["folded_const"]})["ops"]),
             "bits": bits,
             "lut_groups": int(np.prod(lut.shape[:-2])) if lut is not None else 0,
             "sparsity": round(float((weight == 0).float().mean()), 6),
