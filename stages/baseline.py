@@ -8,10 +8,11 @@ import argparse
 from pathlib import Path
 
 from stages import config, runtime
+from stages import provenance as provenance_lib
 from stages.convert import convert_and_check
 from stages.data import eval_pairs
 from stages.evaluate import sts_spearman
-from stages.model import encode, load_float_model, load_tokenizer, save_tensors
+from stages.model import encode, load_float_model, load_tokenizer, resolve_source, save_tensors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         embeddings = encode(bert, load_tokenizer(model_cfg), pairs.sentences(), model_cfg, params["evaluate"].batch_size)
     spearman = sts_spearman(embeddings, pairs)
     log.info("float STS-B Spearman x100: %.2f", spearman)
-    report = convert_and_check(bert, model_cfg, params["convert"], Path(args.package), log)
+    provenance = provenance_lib.collect({"model": model_cfg, "convert": params["convert"]}, [],
+                                        resolve_source(model_cfg.source))
+    report = convert_and_check(bert, model_cfg, params["convert"], Path(args.package), log, provenance)
     save_tensors({"embeddings": embeddings.contiguous()}, args.embeddings)
     runtime.write_json({"spearman": spearman, "package_bytes": report["package_bytes"],
                 "num_pairs": len(pairs), "readback_max_abs_diff": report["max_abs_diff"]}, args.report)

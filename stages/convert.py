@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from stages import config, runtime
-from stages.model import COREML_PREFIX, SentenceEncoder, load_weights
+from stages import provenance as provenance_lib
+from stages.model import COREML_PREFIX, SentenceEncoder, load_weights, resolve_source
 from stages.schema import ConvertConfig, ModelConfig
 
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -52,7 +53,7 @@ def to_mlmodel(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig
     )
 
 
-def save_package(mlmodel, path: str | Path) -> None:
+def save_package(mlmodel, path: str | Path, provenance: dict[str, str] | None = None) -> None:
     """Save next to the target, then move into place: an interrupted save never
     leaves a half-written package under the real name."""
     path = Path(path)
@@ -60,7 +61,7 @@ def save_package(mlmodel, path: str | Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(partial))
-    make_reproducible(partial)
+    make_reproducible(partial, provenance)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(partial, path)
 
@@ -75,7 +76,7 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_reproducible(package: Path) -> None:
+def make_reproducible(package: Path, provenance: dict[str, str] | None = None) -> None:
     """Make a saved package a pure function of the model.
 
     coremltools writes random UUIDs into Manifest.json, serialises protobuf
@@ -83,6 +84,7 @@ def make_reproducible(package: Path) -> None:
     so the same model would get a new DVC hash on every save. Here the
     identifiers are derived from the items' content, the spec is serialised
     deterministically, and the date is dropped (provenance carries the commit).
+    The provenance entries and the weights' content hash are added here too.
     """
     from coremltools.proto import Model_pb2
 
@@ -92,6 +94,9 @@ def make_reproducible(package: Path) -> None:
     user = spec.description.metadata.userDefined
     if CONVERSION_DATE_KEY in user:
         del user[CONVERSION_DATE_KEY]
+    if provenance is not None:
+        user.update(provenance)
+        user[provenance_lib.PREFIX + "weights_sha256"] = provenance_lib.package_weights_sha256(package)
     spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
     manifest_path = package / "Manifest.json"
@@ -123,7 +128,7 @@ def _op_chain(op) -> list[str]:
     for var in op.inputs.values():
         producer = getattr(var, "op", None)
         if producer is not None and producer.op_type.startswith("constexpr"):
-            chain += _op_chain(producer)
+            chain += [t for t in _op_chain(producer) if t not in chain]  # one op may feed two inputs
     return chain + [op.op_type]
 
 
@@ -174,10 +179,11 @@ def readback(bert: torch.nn.Module, package: str | Path) -> dict:
     }
 
 
-def convert_and_check(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig, out: Path, log) -> dict:
+def convert_and_check(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig, out: Path, log,
+                      provenance: dict[str, str]) -> dict:
     with runtime.timed(log, f"ct.convert to {cfg.minimum_deployment_target} mlprogram"):
         mlmodel = to_mlmodel(bert, model_cfg, cfg)
-    save_package(mlmodel, out)
+    save_package(mlmodel, out, provenance)
     with runtime.timed(log, "read back weights from the package"):
         report = readback(bert, out)
     report["package_bytes"] = package_bytes(out)
@@ -198,11 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the .mlpackage to write")
     parser.add_argument("--report", required=True, help="read-back report (.json)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "convert"), args.params)
+    # Every section that shaped the weights is recorded in the package's provenance.
+    params = config.load(("model", "data", "prune", "calibrate", "palettize", "convert"), args.params)
     log = runtime.setup("convert")
 
+    data_cfg = params["data"]
+    calibration = [Path(data_cfg.dir) / data_cfg.calibration_file]
+    provenance = provenance_lib.collect(params, calibration, resolve_source(params["model"].source))
     bert = load_weights(params["model"], args.weights)
-    report = convert_and_check(bert, params["model"], params["convert"], Path(args.out), log)
+    report = convert_and_check(bert, params["model"], params["convert"], Path(args.out), log, provenance)
     runtime.write_json(report, args.report)
 
 

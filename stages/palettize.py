@@ -121,6 +121,22 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
     return done
 
 
+def snap_like_converter(model: torch.nn.Module) -> None:
+    """The converter stores a pruned weight as sparse data and drops every
+    |w| < float16 eps (2**-10) from it; do the same to the torch weights and
+    their look-up tables, so that the weights evaluated here are the shipped ones."""
+    eps = float(np.finfo(np.float16).eps)
+    for _, module in compressible_weights(model):
+        kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
+        if kinds is None or 1 not in kinds.tolist():
+            continue
+        with torch.no_grad():
+            module.weight[module.weight.abs() < eps] = 0.0
+            lut = getattr(module, f"{COREML_PREFIX}/weight/lut", None)
+            if lut is not None:
+                lut[lut.abs() < eps] = 0.0
+
+
 def check_all_palettized(model: torch.nn.Module, cfg: PalettizeConfig) -> None:
     """coremltools silently skips a weight it cannot group; fail loudly instead."""
     skipped = []
@@ -168,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
     if repalettized:
         log.info("re-palettized %d pruned weights with zero as a fixed look-up entry", repalettized)
+    snap_like_converter(model)
     kept, total = zeros_kept(before, model)
     if total:
         log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)

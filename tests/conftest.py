@@ -31,9 +31,13 @@ REDUCED_OVERRIDES = [
 PROJECT_FILES = ["dvc.yaml", "stages", "conf", "data", ".dvc/config", ".dvcignore"]
 
 
+def project_env(cwd: Path) -> dict[str, str]:
+    """The environment a user of this venv has in ``cwd``: dvc and python on PATH."""
+    return {**os.environ, "PYTHONPATH": str(cwd), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(cwd), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

@@ -134,3 +134,15 @@ def test_sparse_gpt_zeros_survive_palettization(tiny_bert, method):
         block = dense.weight.detach()[start:start + 16]
         assert set(torch.unique(block).tolist()) <= set(lut[group, 0, :, 0].tolist())
     assert getattr(dense, f"{COREML_PREFIX}/weight/compression_type").tolist() == [1, 2]
+
+
+def test_pruned_weights_drop_what_the_converter_drops(tiny_bert):
+    from stages.palettize import snap_like_converter
+
+    model = prune(tiny_bert(), PruneConfig(method="magnitude", target_sparsity=0.3))
+    dense = model.get_submodule("encoder.layer.0.intermediate.dense")
+    with torch.no_grad():
+        dense.weight[0, :4] = torch.tensor([5e-4, -9e-4, 2e-3, -0.5])
+    snap_like_converter(model)
+    assert dense.weight[0, :4].tolist() == pytest.approx([0.0, 0.0, 2e-3, -0.5])
+    assert float(dense.weight.detach().abs()[dense.weight.detach() != 0].min()) >= float(np.finfo(np.float16).eps)

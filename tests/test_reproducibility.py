@@ -1,0 +1,168 @@
+"""Bit-for-bit outputs, provenance inside the package, the audit, and stages
+killed mid-run, on the reduced config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from conftest import REDUCED_OVERRIDES, make_project_copy, project_env, run
+from stages import provenance
+
+PACKAGE = "artifacts/convert/model.mlpackage"
+
+
+def lock_outs(project) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def commit_all(project, message: str) -> str:
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", message], project)
+    return run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The reduced pipeline run once, with its dvc.lock committed after the run."""
+    project = make_project_copy(tmp_path_factory.mktemp("repro") / "project", REDUCED_OVERRIDES)
+    code_commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    run(["dvc", "repro"], project)
+    run(["git", "add", "dvc.lock", "metrics"], project)
+    lock_commit = commit_all(project, "record the run")
+    return project, code_commit, lock_commit
+
+
+def audit(project, package, *flags):
+    return run([sys.executable, "-m", "stages.audit", str(package), "--repo", str(project), *flags], project,
+               check=False)
+
+
+def test_package_carries_its_provenance(built):
+    project, code_commit, _ = built
+    result = json.loads(audit(project, project / PACKAGE, "--json").stdout)
+    record = result["provenance"]
+    assert record["git_commit"] == code_commit and record["git_dirty"] == "false"
+    assert set(record["config"]) == {"model", "data", "prune", "calibrate", "palettize", "convert"}
+    assert record["config"]["palettize"]["n_bits"] == 2 and record["config"]["prune"]["method"] == "sparse_gpt"
+    assert set(record["versions"]) == {"coremltools", "torch", "transformers", "python"}
+    assert list(record["data_sha256"]) == ["data/stsb/sts-dev.csv"]
+    assert "model.safetensors" in record["source_model_sha256"]
+    assert record["weights_sha256"] == provenance.package_weights_sha256(project / PACKAGE)
+
+
+def test_audit_passes_and_search_finds_the_recording_commit(built):
+    project, _, lock_commit = built
+    result = audit(project, project / PACKAGE, "--search")
+    assert result.returncode == 0, result.stdout
+    assert "audit passed" in result.stdout
+    assert f"in dvc.lock at {lock_commit}" in result.stdout
+    assert f"made by      {lock_commit}" in result.stdout
+
+
+def _tampered(built, tmp_path, edit) -> subprocess.CompletedProcess:
+    project = built[0]
+    copy = tmp_path / "model.mlpackage"
+    shutil.copytree(project / PACKAGE, copy)
+    edit(copy)
+    return audit(project, copy)
+
+
+def _edit_metadata(package, change):
+    from coremltools.proto import Model_pb2
+
+    path = package / "Data/com.apple.CoreML/model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(path.read_bytes())
+    change(spec.description.metadata.userDefined)
+    path.write_bytes(spec.SerializeToString(deterministic=True))
+
+
+def _flip_byte(package):
+    weights = package / "Data/com.apple.CoreML/weights/weight.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+
+def test_audit_fails_on_one_changed_byte(built, tmp_path):
+    result = _tampered(built, tmp_path, _flip_byte)
+    assert result.returncode == 1
+    assert "FAIL  weights hash" in result.stdout and "FAIL  dvc.lock records this package" in result.stdout
+
+
+def test_audit_fails_on_an_edited_metadata_entry(built, tmp_path):
+    def edit(meta):
+        config = json.loads(meta["coreml_compress.config"])
+        config["palettize"]["n_bits"] = 4
+        meta["coreml_compress.config"] = json.dumps(config, sort_keys=True)
+
+    result = _tampered(built, tmp_path, lambda p: _edit_metadata(p, edit))
+    assert result.returncode == 1
+    assert "FAIL  dvc.lock records this package" in result.stdout
+
+
+def test_audit_fails_on_a_missing_metadata_entry(built, tmp_path):
+    result = _tampered(built, tmp_path, lambda p: _edit_metadata(p, lambda m: m.pop("coreml_compress.data_sha256")))
+    assert result.returncode == 1
+    assert "FAIL  provenance complete: missing: coreml_compress.data_sha256" in result.stdout
+
+
+def test_audit_fails_on_a_commit_not_in_the_repository(built, tmp_path):
+    def edit(meta):
+        meta["coreml_compress.git_commit"] = "0" * 40
+
+    result = _tampered(built, tmp_path, lambda p: _edit_metadata(p, edit))
+    assert result.returncode == 1
+    assert f"FAIL  commit in repository: commit {'0' * 40} is not in" in result.stdout
+
+
+def test_forced_rerun_gives_identical_hashes_for_every_output(built):
+    project = built[0]
+    before = lock_outs(project)
+    run(["dvc", "repro", "--force"], project)
+    assert lock_outs(project) == before
+    run(["git", "checkout", "--", "dvc.lock", "metrics"], project)
+
+
+def test_rebuild_from_the_recorded_commit_is_bit_identical(built):
+    project = built[0]
+    result = audit(project, project / PACKAGE, "--rebuild")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS  rebuild: identical bytes" in result.stdout
+
+
+def test_stage_killed_mid_run_is_rerun_to_identical_results(built, tmp_path):
+    reference = lock_outs(built[0])
+    project = make_project_copy(tmp_path / "project", REDUCED_OVERRIDES)
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=project, env=project_env(project), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.time() + 600
+    while victim is None and time.time() < deadline:
+        for child in psutil.Process(dvc.pid).children(recursive=True):
+            try:
+                if "stages.palettize" in " ".join(child.cmdline()):
+                    victim = child
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.2)
+    assert victim is not None, "palettize never started"
+    time.sleep(3)  # well inside the stage: model loaded, k-means running
+    for process in [*victim.children(recursive=True), victim]:  # the stage and its k-means workers
+        process.send_signal(signal.SIGKILL)
+    output, _ = dvc.communicate(timeout=300)
+    assert dvc.returncode != 0, output
+    assert not (project / "artifacts/palettize/weights.safetensors").exists()
+    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert "palettize" in status
+    run(["dvc", "repro"], project)
+    assert lock_outs(project) == reference
