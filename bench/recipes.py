@@ -31,6 +31,7 @@ RECIPES: list[tuple[str, list[str], str]] = [
      "k-means 4-bit, group 16, Linear layers only (coremltools' default scope)"),
     ("kmeans-4bit-g16", ["palettize=kmeans"], "k-means 4-bit, group 16, embeddings too"),
     ("skm-4bit-g16", [], "sensitive k-means 4-bit, group 16, embeddings too"),
+    ("skm-4bit-g8", ["palettize.group_size=8"], "sensitive k-means 4-bit, group 8"),
     ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4"),
     ("skm-4bit-g1", ["palettize.group_size=1"], "sensitive k-means 4-bit, one table per channel"),
     ("skm-4bit-g16-emb6", ["palettize.embeddings.n_bits=6"], "sensitive k-means 4-bit, embeddings 6-bit"),

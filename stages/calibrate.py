@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_weights(model_cfg, args.weights)
     with runtime.timed(log, f"sensitivity from {len(batches)} pairs"):
         values = sensitivity(model, batches)
-    save_tensors(values, args.out, metadata={"stage": "calibrate", "num_samples": str(len(batches))})
+    save_tensors(values, args.out)
     log.info("wrote %s (%d tensors)", args.out, len(values))
 
 

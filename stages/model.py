@@ -94,18 +94,20 @@ def compressed_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write safetensors atomically. No header metadata: safetensors serialises
+    it in a random (hash map) order, which would change the file's hash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
-    save_file(tensors, str(partial), metadata=metadata)
+    save_file(tensors, str(partial))
     os.replace(partial, path)
 
 
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     """safetensors, not pickles: a pickled module that went through MagnitudePruner
     can serialise its pruned-only original (see shared notes)."""
-    save_tensors(compressed_state_dict(model), path, metadata)
+    save_tensors(compressed_state_dict(model), path)
 
 
 def register_metadata(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     kept, total = zeros_kept(before, model)
     if total:
         log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)
-    save_weights(model, args.out, metadata={"stage": "palettize", "method": cfg.method})
+    save_weights(model, args.out)
     log.info("wrote %s", args.out)
 
 

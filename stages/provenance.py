@@ -40,16 +40,20 @@ def package_weights_sha256(package: Path) -> str:
 
 
 def git_state(root: Path = Path(".")) -> tuple[str, bool]:
-    """(HEAD commit, whether tracked code or config differ from it); ("unknown", True) outside git."""
+    """(commit, whether tracked code or config differ from it); ("unknown", True) outside git.
+
+    The commit is the last one that changed code or config, not HEAD: committing
+    a run's dvc.lock afterwards must not change what a rerun writes into the package.
+    """
+    excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
+        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", ".", *excluded], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
                                 cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
-    return commit, bool(status.strip())
+    return commit or "unknown", bool(status.strip())
 
 
 def source_model_sha256(model_dir: str) -> str:

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         samples = calibration_inputs(params["model"], params["data"], cfg.num_samples, seed=0)
     with runtime.timed(log, f"prune method={cfg.method}"):
         model = prune(model, cfg, samples)
-    save_weights(model, args.out, metadata={"stage": "prune", "method": cfg.method})
+    save_weights(model, args.out)
     log.info("wrote %s", args.out)
 
 

@@ -166,3 +166,53 @@ def test_stage_killed_mid_run_is_rerun_to_identical_results(built, tmp_path):
     assert "palettize" in status
     run(["dvc", "repro"], project)
     assert lock_outs(project) == reference
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto) on loopback, for the DVC remote."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([f"{sys.executable.rsplit('/', 1)[0]}/moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_push_and_pull_through_an_s3_remote_leave_nothing_to_rerun(built, s3_server, tmp_path, monkeypatch):
+    import boto3
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="team-cache")
+    project = built[0]
+    run(["dvc", "remote", "add", "-d", "team", "s3://team-cache/dvc"], project)
+    run(["dvc", "remote", "modify", "team", "endpointurl", s3_server], project)
+    run(["git", "add", ".dvc/config"], project)
+    commit_all(project, "team remote")
+    run(["dvc", "push"], project)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    assert json.loads(run(["dvc", "status", "--json"], clone).stdout) == {}
+    assert run([sys.executable, "-m", "stages.audit", PACKAGE, "--repo", "."], clone).returncode == 0
+
+    second = tmp_path / "second"
+    run(["git", "clone", "-q", str(project), str(second)], tmp_path)
+    pulled = run(["dvc", "repro", "--pull"], second)
+    assert "stage=" not in pulled.stdout + pulled.stderr  # every stage restored, none executed
+    assert lock_outs(second) == lock_outs(project)
