@@ -30,14 +30,17 @@ RECIPES: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-g16-linear", ["palettize=kmeans", "palettize.embeddings.enabled=false"],
      "k-means 4-bit, group 16, Linear layers only (coremltools' default scope)"),
     ("kmeans-4bit-g16", ["palettize=kmeans"], "k-means 4-bit, group 16, embeddings too"),
-    ("skm-4bit-g16", [], "sensitive k-means 4-bit, group 16, embeddings too"),
+    ("skm-4bit-g16", ["palettize.group_size=16"], "sensitive k-means 4-bit, group 16, embeddings too"),
     ("skm-4bit-g8", ["palettize.group_size=8"], "sensitive k-means 4-bit, group 8"),
-    ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4"),
+    ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the default recipe)"),
     ("skm-4bit-g1", ["palettize.group_size=1"], "sensitive k-means 4-bit, one table per channel"),
-    ("skm-4bit-g16-emb6", ["palettize.embeddings.n_bits=6"], "sensitive k-means 4-bit, embeddings 6-bit"),
-    ("skm-6bit-g16", ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
-    ("magnitude40-skm-4bit-g16", ["prune=magnitude"], "40% magnitude pruning, then sensitive k-means 4-bit"),
-    ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"], "40% SparseGPT, then sensitive k-means 4-bit"),
+    ("skm-4bit-g16-emb6", ["palettize.group_size=16", "palettize.embeddings.n_bits=6"],
+     "sensitive k-means 4-bit, group 16, embeddings 6-bit"),
+    ("skm-6bit-g16", ["palettize.n_bits=6", "palettize.group_size=16"], "sensitive k-means 6-bit, group 16"),
+    ("magnitude40-skm-4bit-g16", ["prune=magnitude", "palettize.group_size=16"],
+     "40% magnitude pruning, then sensitive k-means 4-bit, group 16"),
+    ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt", "palettize.group_size=16"],
+     "40% SparseGPT, then sensitive k-means 4-bit, group 16"),
 ]
 
 
@@ -79,7 +82,9 @@ def run_recipe(name: str, overrides: list[str]) -> dict:
 
 
 def compression_time(row: dict) -> str:
-    took = row.get("compression_seconds") or {}
+    if "compression_seconds" not in row:
+        return "not recorded"  # measured before the script logged stage times
+    took = row["compression_seconds"]
     if "palettize" not in took:
         return "cached"
     return " + ".join(f"{took[s]:.0f}" for s in ("prune", "calibrate", "palettize") if s in took)
@@ -108,13 +113,14 @@ def update_readme(table: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="recipes to run (default: all)")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from stored results")
     args = parser.parse_args(argv)
     descriptions = {name: text for name, _, text in RECIPES}
     chosen = [(n, o) for n, o, _ in RECIPES if not args.names or n in args.names]
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "recipes.json"
     previous = {row["name"]: row for row in json.loads(store.read_text())} if store.is_file() else {}
-    for name, overrides in chosen:
+    for name, overrides in [] if args.table else chosen:
         print(f"running {name}: {' '.join(overrides) or '(default config)'}", flush=True)
         row = run_recipe(name, overrides)
         row["description"] = descriptions[name]
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {row['metrics']['package_bytes']} bytes, STS-B {row['metrics']['sts_spearman']}, "
               f"cosine {row['metrics']['mean_cosine']}, {row['seconds']} s, ran {row['stages_run']}", flush=True)
         store.write_text(json.dumps(list(previous.values()), indent=2) + "\n")
-    rows = [previous[n] for n, _, _ in RECIPES if n in previous]
+    rows = [{**previous[n], "description": descriptions[n]} for n, _, _ in RECIPES if n in previous]
     baseline = json.loads((ROOT / "artifacts/baseline/report.json").read_text())
     table = markdown(rows, {"bytes": baseline["package_bytes"], "spearman": baseline["spearman"]})
     (RESULTS / "recipes.md").write_text(table, encoding="utf-8")

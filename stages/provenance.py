@@ -17,8 +17,9 @@ from typing import Any
 
 PREFIX = "coreml_compress."
 KEYS = ("config", "git_commit", "git_dirty", "source_model_sha256", "data_sha256", "versions", "weights_sha256")
-# Outputs the pipeline itself rewrites; they do not make the code or config dirty.
-PIPELINE_OUTPUTS = ("dvc.lock", "metrics")
+# What can change a package: the recorded commit is the last one that touched
+# these, so committing a run's dvc.lock, docs or tests afterwards changes nothing.
+SOURCES = ("stages", "conf", "params.yaml", "dvc.yaml", "data", "requirements.txt", "constraints.txt")
 
 
 def sha256_file(path: Path) -> str:
@@ -40,16 +41,12 @@ def package_weights_sha256(package: Path) -> str:
 
 
 def git_state(root: Path = Path(".")) -> tuple[str, bool]:
-    """(commit, whether tracked code or config differ from it); ("unknown", True) outside git.
-
-    The commit is the last one that changed code or config, not HEAD: committing
-    a run's dvc.lock afterwards must not change what a rerun writes into the package.
-    """
-    excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
+    """(last commit that changed the pipeline's SOURCES, whether they differ from it);
+    ("unknown", True) outside git."""
     try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", ".", *excluded], cwd=root,
+        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", *SOURCES], cwd=root,
                                 capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *SOURCES],
                                 cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
