@@ -23,10 +23,11 @@ from scipy.stats import spearmanr
 
 from stages import config, runtime
 from stages.data import Pairs, eval_pairs
-from stages.model import COREML_PREFIX, compressible_weights, encode, load_float_model, load_tokenizer, load_weights
+from stages.model import (COREML_PREFIX, PALETTIZATION, PRUNING, QUANTIZATION, compressible_weights, compression_types,
+                          encode, load_float_model, load_tokenizer, load_weights)
 from stages.schema import EvaluateConfig, ModelConfig
 
-COMPRESSION_NAMES = {1: "pruning", 2: "palettization", 3: "quantization"}
+COMPRESSION_NAMES = {PRUNING: "pruning", PALETTIZATION: "palettization", QUANTIZATION: "quantization"}
 
 
 def pair_similarities(embeddings: torch.Tensor, num_pairs: int) -> np.ndarray:
@@ -61,8 +62,7 @@ def layer_table(model: torch.nn.Module, reference: torch.nn.Module, readback: di
     for name, module in compressible_weights(model):
         weight = module.weight.detach()
         original = float_weights[f"{name}.weight"].detach()
-        kinds = _metadata(module, "compression_type")
-        technique = "+".join(COMPRESSION_NAMES[int(k)] for k in kinds.tolist()) if kinds is not None else "none"
+        technique = "+".join(COMPRESSION_NAMES[k] for k in compression_types(module)) or "none"
         lut = _metadata(module, "lut")
         bits = int(math.ceil(math.log2(lut.shape[-2]))) if lut is not None else 16
         error = float(torch.linalg.vector_norm(weight - original) / torch.linalg.vector_norm(original))

@@ -27,6 +27,8 @@ from stages.runtime import partial_path
 from stages.schema import PACKAGED_PREFIX, ModelConfig
 
 COREML_PREFIX = "_COREML_"
+# coremltools' CompressionType values, as stored in the compression_type buffer.
+PRUNING, PALETTIZATION, QUANTIZATION = 1, 2, 3
 
 
 def resolve_source(source: str) -> str:
@@ -135,3 +137,9 @@ def compressible_weights(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             yield name, module
+
+
+def compression_types(module: torch.nn.Module) -> list[int]:
+    """The coremltools compressions applied to ``module.weight``, in order ([] for none)."""
+    kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
+    return [] if kinds is None else [int(k) for k in kinds.tolist()]

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from stages import config, runtime
-from stages.model import COREML_PREFIX, compressible_weights, load_weights, save_weights
+from stages.model import (COREML_PREFIX, PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights,
+                          save_weights)
 from stages.schema import PalettizeConfig, TensorPaletteConfig
 
 
@@ -99,8 +100,7 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
         return 0  # scaled or quantized tables: keep coremltools' result (zeros_kept reports it)
     done = 0
     for name, module in compressible_weights(model):
-        kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
-        if not isinstance(module, torch.nn.Linear) or kinds is None or kinds.tolist() != [1, 2]:
+        if not isinstance(module, torch.nn.Linear) or compression_types(module) != [PRUNING, PALETTIZATION]:
             continue
         weight = pruned[f"{name}.weight"].numpy().astype(np.float32)
         importance = sensitivity[f"{name}.weight"].numpy() if sensitivity is not None else None
@@ -127,8 +127,7 @@ def snap_like_converter(model: torch.nn.Module) -> None:
     their look-up tables, so that the weights evaluated here are the shipped ones."""
     eps = float(np.finfo(np.float16).eps)
     for _, module in compressible_weights(model):
-        kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
-        if kinds is None or 1 not in kinds.tolist():
+        if PRUNING not in compression_types(module):
             continue
         with torch.no_grad():
             module.weight[module.weight.abs() < eps] = 0.0
@@ -155,8 +154,7 @@ def zeros_kept(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple
     """(pruned zeros still zero, pruned zeros) over every pruned weight."""
     kept = total = 0
     for name, module in compressible_weights(model):
-        kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
-        if kinds is None or 1 not in kinds.tolist():  # 1: pruning
+        if PRUNING not in compression_types(module):
             continue
         zero = before[f"{name}.weight"] == 0
         total += int(zero.sum())
