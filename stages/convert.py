@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections import Counter
@@ -133,31 +134,50 @@ def _op_chain(op) -> list[str]:
 
 
 def package_weights(program) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Every weight of the program by op name: (value, op chain)."""
+    """Every weight the network consumes, by name: (value, op chain).
+
+    coremltools' own WeightDecompressor pass turns each constexpr op into a
+    const, in program order, so that chained ops (a quantized look-up table
+    feeding constexpr_lut_to_dense, a per-channel scale after it) are decoded
+    from their already decoded inputs. Intermediate values (a look-up table
+    that feeds another constexpr op) are left out."""
+    from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
+
+    operations = program.functions["main"].operations
+    chains, intermediate = {}, set()
+    for op in operations:
+        if op.op_type.startswith("constexpr"):
+            chains[op.outputs[0].name] = _op_chain(op)
+            intermediate |= {var.name for var in op.inputs.values() if hasattr(var, "name")}
+    WeightDecompressor(op_selector=lambda op: True).apply(program)
     weights = {}
     for op in program.functions["main"].operations:
-        if op.op_type.startswith("constexpr"):
-            weights[op.name] = (op.materialized_val_inference(), _op_chain(op))
-        elif op.op_type == "const" and op.outputs[0].val is not None:
-            weights[op.name] = (np.asarray(op.outputs[0].val), ["const"])
+        name = op.outputs[0].name if op.outputs else None
+        if op.op_type == "const" and name not in intermediate and op.outputs[0].val is not None:
+            weights[name] = (np.asarray(op.outputs[0].val), chains.get(name, ["const"]))
     return weights
 
 
-def package_op_name(param_name: str, prefix: str = "bert") -> list[str]:
-    """Names the torch frontend gives a parameter's final op, in order of preference."""
-    key = f"{prefix}_{param_name.replace('.', '_')}"
-    return [f"{key}_cast_fp16", f"{key}_to_fp16", key]
+def find_weight(weights: dict, param_name: str, numel: int, prefix: str = "bert"):
+    """The package's value of a torch parameter. The torch frontend names it
+    <prefix>_<param path with _>, plus a counter when a compression chain
+    needed two ops, plus a cast suffix."""
+    key = re.escape(f"{prefix}_{param_name.replace('.', '_')}")
+    pattern = re.compile(rf"^{key}(_\d+)?(_cast_fp16|_to_fp16)?$")
+    found = [w for name, w in weights.items() if pattern.match(name) and np.asarray(w[0]).size == numel]
+    return found[0] if len(found) == 1 else None
 
 
 def readback(bert: torch.nn.Module, package: str | Path) -> dict:
     """Compare every torch parameter with its value read back from the package."""
     program = load_program(package)
+    op_counts = Counter(op.op_type for op in program.functions["main"].operations if op.op_type.startswith("constexpr"))
     weights = package_weights(program)
     compressed = {f"{module_name}.{key.split('/')[1]}" for module_name, module in bert.named_modules()
                   for key, _ in module.named_buffers(recurse=False) if key.startswith(COREML_PREFIX + "/")}
     per_weight, missing, folded = {}, [], []
     for name, param in bert.named_parameters():
-        found = next((weights[n] for n in package_op_name(name) if n in weights), None)
+        found = find_weight(weights, name, param.numel())
         if found is None:
             # An uncompressed weight may be constant-folded into another const
             # (the float position and token-type embeddings are); a compressed
@@ -170,7 +190,6 @@ def readback(bert: torch.nn.Module, package: str | Path) -> dict:
         per_weight[name] = {"ops": ops, "max_abs_diff": diff}
     if missing:
         raise RuntimeError(f"compressed weights not found in the package: {missing[:4]}")
-    op_counts = Counter(op.op_type for op in program.functions["main"].operations if op.op_type.startswith("constexpr"))
     return {
         "max_abs_diff": max(w["max_abs_diff"] for w in per_weight.values()),
         "constexpr_ops": dict(sorted(op_counts.items())),
@@ -205,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, help="read-back report (.json)")
     args = parser.parse_args(argv)
     # Every section that shaped the weights is recorded in the package's provenance.
-    params = config.load(("model", "data", "prune", "calibrate", "palettize", "convert"), args.params)
+    params = config.load(("model", "data", "prune", "calibrate", "palettize", "quantize", "convert"), args.params)
     log = runtime.setup("convert")
 
     data_cfg = params["data"]

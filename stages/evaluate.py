@@ -63,8 +63,10 @@ def layer_table(model: torch.nn.Module, reference: torch.nn.Module, readback: di
         weight = module.weight.detach()
         original = float_weights[f"{name}.weight"].detach()
         technique = "+".join(COMPRESSION_NAMES[k] for k in compression_types(module)) or "none"
-        lut = _metadata(module, "lut")
-        bits = int(math.ceil(math.log2(lut.shape[-2]))) if lut is not None else 16
+        lut, quantized_bits = _metadata(module, "lut"), _metadata(module, "quantization_n_bits")
+        # Bits per weight index (palettized), per stored integer (quantized), or float16.
+        bits = (int(math.ceil(math.log2(lut.shape[-2]))) if lut is not None
+                else int(quantized_bits) if quantized_bits is not None else 16)
         error = float(torch.linalg.vector_norm(weight - original) / torch.linalg.vector_norm(original))
         rows.append({
             "layer": name,

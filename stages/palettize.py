@@ -1,7 +1,10 @@
-"""Stage 3, palettize: k-means look-up tables for every Linear and Embedding weight.
+"""Stage 3, palettize: look-up tables for every Linear and Embedding weight.
 
 kmeans: data-free PostTrainingPalettizer. sensitive_kmeans: SKMPalettizer
-weighted by the sensitivity cached by the calibrate stage. The embedding
+weighted by the sensitivity cached by the calibrate stage. uniform: evenly
+spaced tables (coremltools' uniform mode). none: the weights pass through.
+Vector palettization (cluster_dim), per-channel scales and int8 look-up
+tables are coremltools options passed through. The embedding
 tables get their own per-type config: under per_grouped_channel coremltools
 would skip the word embedding (30522 rows do not divide by the group size),
 so they are grouped along the hidden axis instead. Pruned zeros survive as
@@ -19,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from stages import config, runtime
-from stages.model import (COREML_PREFIX, PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights,
-                          save_weights)
+from stages.model import PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights, save_weights
+from stages.precision import match_package_precision, snap_like_converter
 from stages.schema import PalettizeConfig, TensorPaletteConfig
 
 
@@ -33,6 +36,7 @@ def module_config(cfg: TensorPaletteConfig, n_bits: int | None = None, channel_a
         "channel_axis": channel_axis,
         "enable_per_channel_scale": cfg.enable_per_channel_scale,
         "lut_dtype": cfg.lut_dtype,
+        "cluster_dim": cfg.cluster_dim if cfg.cluster_dim > 1 else None,
     }
 
 
@@ -51,6 +55,10 @@ def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[st
     from coremltools.optimize.torch.palettization import (
         PostTrainingPalettizer, PostTrainingPalettizerConfig, SKMPalettizer, SKMPalettizerConfig)
 
+    if cfg.method == "none":
+        return model
+    if cfg.method == "uniform":
+        return uniform_palettize(model, cfg)
     options = palettizer_config(cfg)
     if cfg.method == "kmeans":
         palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options))
@@ -63,6 +71,39 @@ def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[st
         path = Path(tmp) / "sensitivity.pt"
         torch.save(sensitivity, path)
         return palettizer.compress(sensitivity_path=str(path), num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
+
+
+def uniform_palettize(model: torch.nn.Module, cfg: PalettizeConfig) -> torch.nn.Module:
+    """Evenly spaced look-up tables. coremltools offers uniform mode only on the
+    Core ML side (OpPalettizerConfig), so its own table function is applied
+    here to each group of the torch weights, and the metadata the converter
+    reads is registered as the torch palettizers do."""
+    from coremltools.optimize.coreml._quantization_passes import palettize_weights
+    from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
+
+    for _, module in compressible_weights(model):
+        embedding = isinstance(module, torch.nn.Embedding)
+        if embedding and not cfg.embeddings.enabled:
+            continue
+        n_bits = (cfg.embeddings.n_bits or cfg.n_bits) if embedding else cfg.n_bits
+        axis = cfg.embeddings.channel_axis if embedding else 0
+        weight = module.weight.detach().numpy().astype(np.float32)
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
+        if weight.shape[axis] % group:
+            continue  # left uncompressed, as coremltools does; check_all_palettized names it
+        moved = np.moveaxis(weight, axis, 0)
+        values, tables = np.empty_like(moved), []
+        for start in range(0, moved.shape[0], group):
+            block = moved[start:start + group]
+            lut, indices = palettize_weights._get_lut_and_indices(block, "UNIFORM", n_bits, None)
+            values[start:start + group] = lut[indices.astype(np.int64)].reshape(block.shape)
+            tables.append(lut)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(np.moveaxis(values, 0, axis).copy()))
+        lut = torch.from_numpy(np.stack(tables))  # (groups, 2**n) -> the layout of the weight's axes
+        lut = lut[:, None, :, None] if axis == 0 else lut[None, :, :, None]
+        CompressionMetadata(param_name="weight", lut=lut, compression_type=["palettization"]).register(module)
+    return model
 
 
 def _zero_and_kmeans(values: np.ndarray, n_bits: int, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +137,7 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
     """
     from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
 
-    if cfg.enable_per_channel_scale or cfg.lut_dtype:
+    if cfg.method not in ("kmeans", "sensitive_kmeans") or cfg.enable_per_channel_scale or cfg.lut_dtype:
         return 0  # scaled or quantized tables: keep coremltools' result (zeros_kept reports it)
     done = 0
     for name, module in compressible_weights(model):
@@ -121,24 +162,11 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
     return done
 
 
-def snap_like_converter(model: torch.nn.Module) -> None:
-    """The converter stores a pruned weight as sparse data and drops every
-    |w| < float16 eps (2**-10) from it; do the same to the torch weights and
-    their look-up tables, so that the weights evaluated here are the shipped ones."""
-    eps = float(np.finfo(np.float16).eps)
-    for _, module in compressible_weights(model):
-        if PRUNING not in compression_types(module):
-            continue
-        with torch.no_grad():
-            module.weight[module.weight.abs() < eps] = 0.0
-            lut = getattr(module, f"{COREML_PREFIX}/weight/lut", None)
-            if lut is not None:
-                lut[lut.abs() < eps] = 0.0
-
-
 def check_all_palettized(model: torch.nn.Module, cfg: PalettizeConfig) -> None:
     """coremltools silently skips a weight it cannot group; fail loudly instead."""
     skipped = []
+    if cfg.method == "none":
+        return
     for name, module in compressible_weights(model):
         if isinstance(module, torch.nn.Embedding) and not cfg.embeddings.enabled:
             continue
@@ -162,6 +190,27 @@ def zeros_kept(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple
     return kept, total
 
 
+def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None,
+        log=None) -> torch.nn.Module:
+    """The whole stage on a model in memory: palettize, check, keep pruned zeros,
+    and round to what the package stores."""
+    log = log or runtime.log
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
+    model = palettize(model, cfg, sensitivity)
+    check_all_palettized(model, cfg)
+    repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
+    if repalettized:
+        log.info("re-palettized %d pruned weights with zero as a fixed look-up entry", repalettized)
+    snap_like_converter(model)
+    rounded = match_package_precision(model)
+    if rounded:
+        log.info("rounded the scales of %d weights to float16, as the package stores them", rounded)
+    kept, total = zeros_kept(before, model)
+    if total:
+        log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
@@ -174,18 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     log = runtime.setup("palettize")
 
     model = load_weights(params["model"], args.weights)
-    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
     sensitivity = load_file(args.sensitivity) if cfg.method == "sensitive_kmeans" else None
     with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits} {cfg.granularity}"):
-        model = palettize(model, cfg, sensitivity)
-    check_all_palettized(model, cfg)
-    repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
-    if repalettized:
-        log.info("re-palettized %d pruned weights with zero as a fixed look-up entry", repalettized)
-    snap_like_converter(model)
-    kept, total = zeros_kept(before, model)
-    if total:
-        log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)
+        model = run(model, cfg, sensitivity, log)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)
 

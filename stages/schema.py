@@ -19,7 +19,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
-PALETTIZE_METHODS = ("kmeans", "sensitive_kmeans")
+# none: weights pass through (e.g. for linear quantization instead).
+# uniform: evenly spaced look-up table between each group's min and max (coremltools' "uniform" mode).
+PALETTIZE_METHODS = ("none", "kmeans", "sensitive_kmeans", "uniform")
+QUANTIZE_METHODS = ("none", "linear", "gptq")
+QUANTIZE_DTYPES = ("int8", "uint8", "int4", "uint4")
+QUANTIZE_SCHEMES = ("symmetric", "affine")
+QUANTIZE_GRANULARITIES = ("per_tensor", "per_channel", "per_block")
 PRUNE_METHODS = ("none", "magnitude", "sparse_gpt")
 LUT_DTYPES = (None, "int8", "uint8")
 DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
@@ -143,7 +149,10 @@ class TensorPaletteConfig:
     granularity: str = "per_grouped_channel"
     group_size: Optional[int] = 16
     enable_per_channel_scale: bool = False
+    # int8/uint8: the look-up table itself is linearly quantized (palettization + quantization).
     lut_dtype: Optional[str] = None
+    # > 1: vector palettization, each look-up entry is a vector of this many weights.
+    cluster_dim: int = 1
 
     def check(self, prefix: str) -> None:
         _check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
@@ -151,6 +160,9 @@ class TensorPaletteConfig:
         if self.granularity == "per_grouped_channel":
             _check_positive_int(f"{prefix}.group_size", self.group_size)
         _check_choice(f"{prefix}.lut_dtype", self.lut_dtype, LUT_DTYPES)
+        _check_positive_int(f"{prefix}.cluster_dim", self.cluster_dim)
+        if self.cluster_dim > 1 and self.enable_per_channel_scale:
+            fail(f"{prefix}.cluster_dim", self.cluster_dim, "allowed: 1 with enable_per_channel_scale (coremltools)")
 
 
 @dataclass
@@ -182,6 +194,51 @@ class PalettizeConfig(TensorPaletteConfig):
         TensorPaletteConfig.check(self, prefix)
         self.embeddings.check(f"{prefix}.embeddings")
         _check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
+        if self.method == "uniform" and (self.cluster_dim > 1 or self.enable_per_channel_scale or self.lut_dtype):
+            fail(f"{prefix}.method", self.method,
+                 "uniform look-up tables take no cluster_dim, enable_per_channel_scale or lut_dtype (coremltools)")
+        if self.cluster_dim > 1 and self.method == "sensitive_kmeans":
+            fail(f"{prefix}.cluster_dim", self.cluster_dim, "allowed: 1 with method=sensitive_kmeans; use kmeans")
+
+
+@dataclass
+class QuantizeConfig:
+    """Linear quantization of the weights: w = scale * (q - zero_point).
+
+    linear: data-free PostTrainingQuantizer; gptq: LayerwiseCompressor (GPTQ)
+    with calibration sentences. A palettized model is not quantized again: its
+    look-up table is quantized instead (palettize.lut_dtype).
+    """
+
+    method: str = "none"
+    dtype: str = "int8"
+    scheme: str = "symmetric"
+    granularity: str = "per_channel"
+    # per_block: this many input channels share one scale.
+    block_size: Optional[int] = None
+    # Embedding tables too (coremltools' torch quantizer skips them; see stages/quantize.py).
+    embeddings: bool = True
+    # gptq only: calibration sentences for the layer-wise Hessians.
+    num_samples: int = 64
+
+    def check(self, prefix: str = "quantize") -> None:
+        _check_choice(f"{prefix}.method", self.method, QUANTIZE_METHODS)
+        _check_choice(f"{prefix}.dtype", self.dtype, QUANTIZE_DTYPES)
+        _check_choice(f"{prefix}.scheme", self.scheme, QUANTIZE_SCHEMES)
+        _check_choice(f"{prefix}.granularity", self.granularity, QUANTIZE_GRANULARITIES)
+        if self.granularity == "per_block":
+            _check_positive_int(f"{prefix}.block_size", self.block_size)
+        elif self.block_size is not None:
+            fail(f"{prefix}.block_size", self.block_size, f"allowed: null unless granularity=per_block")
+        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+        if self.method == "gptq" and not self.dtype.startswith("u"):
+            fail(f"{prefix}.dtype", self.dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
+        if self.method == "gptq" and self.granularity == "per_tensor":
+            fail(f"{prefix}.granularity", self.granularity, "allowed with method=gptq: per_channel, per_block")
+
+    @property
+    def n_bits(self) -> int:
+        return int(self.dtype.removeprefix("u").removeprefix("int"))
 
 
 @dataclass
@@ -223,6 +280,7 @@ SECTIONS: dict[str, type] = {
     "prune": PruneConfig,
     "calibrate": CalibrateConfig,
     "palettize": PalettizeConfig,
+    "quantize": QuantizeConfig,
     "convert": ConvertConfig,
     "evaluate": EvaluateConfig,
 }
@@ -265,4 +323,34 @@ def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str,
     unknown = sorted(set(params) - set(SECTIONS))
     if sections is None and unknown:
         raise ConfigError(f"config error: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
-    return {name: build_section(name, params[name]) for name in wanted}
+    checked = {name: build_section(name, params[name]) for name in wanted}
+    check_combination(checked)
+    return checked
+
+
+def check_combination(sections: dict[str, Any]) -> None:
+    """Joint compressions coremltools cannot build, refused before any work.
+
+    Supported: pruning + palettization (sparse palettization), pruning + linear
+    quantization (sparse quantization), palettization + quantized look-up table.
+    """
+    prune, palettize, quantize = (sections.get(name) for name in ("prune", "palettize", "quantize"))
+    pruned = prune is not None and prune.method != "none"
+    if palettize is not None and quantize is not None and palettize.method != "none" and quantize.method != "none":
+        fail("quantize.method", quantize.method,
+             f"palettize.method={palettize.method} already compresses every weight; quantize its look-up table "
+             "with palettize.lut_dtype=int8, or set palettize=none for linear quantization")
+    if pruned and palettize is not None and palettize.method == "uniform":
+        fail("palettize.method", "uniform", f"with prune.method={prune.method}: a uniform table has no zero entry, "
+             "pruned zeros would be lost; use kmeans or sensitive_kmeans")
+    if pruned and palettize is not None and palettize.method != "none" and palettize.cluster_dim > 1:
+        fail("palettize.cluster_dim", palettize.cluster_dim,
+             f"allowed: 1 with prune.method={prune.method} (coremltools has no sparse vector palettization)")
+    if pruned and palettize is not None and palettize.method != "none" and palettize.lut_dtype:
+        # ct.convert 9.0 fails on pruning + palettization + quantized table ("weight should have same rank as scale").
+        fail("palettize.lut_dtype", palettize.lut_dtype,
+             f"allowed: null with prune.method={prune.method} (coremltools cannot convert sparse palettization "
+             "with a quantized look-up table)")
+    if pruned and quantize is not None and quantize.method == "gptq":
+        fail("quantize.method", "gptq", f"with prune.method={prune.method}: GPTQ updates every weight and refills "
+             "pruned zeros; use quantize.method=linear for sparse quantization")

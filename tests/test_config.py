@@ -23,12 +23,15 @@ def test_params_yaml_is_the_composition_of_conf():
 @pytest.mark.parametrize("overrides", [
     [], ["prune=magnitude"], ["prune=sparse_gpt", "palettize=kmeans"],
     ["palettize.granularity=per_tensor", "palettize.group_size=null"], ["palettize.embeddings.enabled=false"],
+    ["palettize=uniform"], ["palettize=none", "quantize=int8"], ["palettize=none", "quantize=int4_block"],
+    ["palettize=none", "quantize=gptq"], ["prune=magnitude", "palettize=none", "quantize=int8"],
+    ["palettize.lut_dtype=int8"], ["palettize=kmeans", "palettize.cluster_dim=2"],
 ])
 def test_every_config_group_composes_into_a_valid_config(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     sections = validate(OmegaConf.to_container(cfg, resolve=True))
-    assert set(sections) == {"model", "data", "prune", "calibrate", "palettize", "convert", "evaluate"}
+    assert set(sections) == {"model", "data", "prune", "calibrate", "palettize", "quantize", "convert", "evaluate"}
 
 
 BAD_VALUES = [
@@ -39,7 +42,13 @@ BAD_VALUES = [
     ("palettize.group_size", -16, "palettize.group_size=-16 is not allowed; allowed: a positive integer"),
     ("palettize.group_size", 2.5, "palettize.group_size=2.5 has the wrong type"),
     ("palettize.granularity", "per_block", "palettize.granularity='per_block' is not allowed; allowed: per_tensor, per_grouped_channel"),
-    ("palettize.method", "gptq", "palettize.method='gptq' is not allowed; allowed: kmeans, sensitive_kmeans"),
+    ("palettize.method", "gptq", "palettize.method='gptq' is not allowed; allowed: none, kmeans, sensitive_kmeans, uniform"),
+    ("palettize.cluster_dim", 0, "palettize.cluster_dim=0 is not allowed; allowed: a positive integer"),
+    ("quantize.dtype", "int2", "quantize.dtype='int2' is not allowed; allowed: int8, uint8, int4, uint4"),
+    ("quantize.granularity", "per_grouped_channel", "quantize.granularity='per_grouped_channel' is not allowed; allowed: per_tensor, per_channel, per_block"),
+    ("quantize.scheme", "asymmetric", "quantize.scheme='asymmetric' is not allowed; allowed: symmetric, affine"),
+    ("quantize.method", "awq", "quantize.method='awq' is not allowed; allowed: none, linear, gptq"),
+    ("quantize.block_size", 32, "quantize.block_size=32 is not allowed; allowed: null unless granularity=per_block"),
     ("palettize.lut_dtype", "int4", "palettize.lut_dtype='int4' is not allowed"),
     ("prune.target_sparsity", 1.0, "prune.target_sparsity=1.0 is not allowed; allowed: a number in [0, 1)"),
     ("prune.target_sparsity", -0.1, "prune.target_sparsity=-0.1 is not allowed; allowed: a number in [0, 1)"),
@@ -84,7 +93,8 @@ def test_magnitude_pruning_needs_a_sparsity():
         validate(params)
 
 
-@pytest.mark.parametrize("stage", ["validate", "prune", "calibrate", "palettize", "convert", "baseline", "evaluate"])
+@pytest.mark.parametrize("stage", ["validate", "prune", "calibrate", "palettize", "quantize", "convert", "baseline",
+                                   "evaluate"])
 def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     params = yaml.safe_load(config.PARAMS.read_text())
     bad = tmp_path / "params.yaml"
@@ -95,6 +105,7 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     args = {"validate": ["--out", str(out)], "prune": ["--out", str(out)],
             "calibrate": ["--weights", "x", "--out", str(out)],
             "palettize": ["--weights", "x", "--sensitivity", "x", "--out", str(out)],
+            "quantize": ["--weights", "x", "--out", str(out)],
             "convert": ["--weights", "x", "--out", str(out), "--report", str(out)],
             "baseline": ["--package", str(out), "--embeddings", str(out), "--report", str(out)],
             "evaluate": ["--weights", "x", "--package", "x", "--readback", "x", "--float-embeddings", "x",
@@ -113,3 +124,38 @@ def test_config_cli_check_detects_drift(tmp_path):
     assert "differs from conf/" in result.stderr
     run([sys.executable, "-m", "stages.config", "--params", str(drifted)], ROOT)
     assert drifted.read_text() == config.PARAMS.read_text()
+
+
+# Combinations coremltools cannot build: refused at validation, naming both keys.
+BAD_COMBINATIONS = [
+    ({"quantize.method": "linear"}, "quantize.method='linear' is not allowed; palettize.method=sensitive_kmeans already"),
+    ({"palettize.method": "none", "quantize.method": "gptq", "quantize.dtype": "int4"},
+     "quantize.dtype='int4' is not allowed; allowed with method=gptq: uint8, uint4"),
+    ({"palettize.method": "none", "quantize.method": "gptq", "quantize.dtype": "uint8", "quantize.granularity": "per_tensor"},
+     "quantize.granularity='per_tensor' is not allowed; allowed with method=gptq: per_channel, per_block"),
+    ({"palettize.method": "none", "quantize.method": "linear", "quantize.granularity": "per_block"},
+     "quantize.block_size=None is not allowed; allowed: a positive integer"),
+    ({"prune.method": "magnitude", "prune.target_sparsity": 0.4, "palettize.method": "none", "quantize.method": "gptq",
+      "quantize.dtype": "uint8"}, "quantize.method='gptq' is not allowed; with prune.method=magnitude: GPTQ"),
+    ({"prune.method": "magnitude", "prune.target_sparsity": 0.4, "palettize.method": "uniform"},
+     "palettize.method='uniform' is not allowed; with prune.method=magnitude"),
+    ({"prune.method": "magnitude", "prune.target_sparsity": 0.4, "palettize.method": "kmeans", "palettize.cluster_dim": 2},
+     "palettize.cluster_dim=2 is not allowed; allowed: 1 with prune.method=magnitude"),
+    ({"prune.method": "sparse_gpt", "prune.target_sparsity": 0.4, "palettize.lut_dtype": "int8"},
+     "palettize.lut_dtype='int8' is not allowed; allowed: null with prune.method=sparse_gpt"),
+    ({"palettize.method": "kmeans", "palettize.cluster_dim": 2, "palettize.enable_per_channel_scale": True},
+     "palettize.cluster_dim=2 is not allowed; allowed: 1 with enable_per_channel_scale"),
+    ({"palettize.cluster_dim": 2}, "palettize.cluster_dim=2 is not allowed; allowed: 1 with method=sensitive_kmeans"),
+    ({"palettize.method": "uniform", "palettize.lut_dtype": "int8"}, "palettize.method='uniform' is not allowed; uniform"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_COMBINATIONS)
+def test_unsupported_combination_fails_at_validation(changes, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    params = yaml.safe_load(config.PARAMS.read_text())
+    for key, value in changes.items():
+        params = _with(params, key, value)
+    with pytest.raises(ConfigError) as caught:
+        validate(params)
+    assert message in str(caught.value) and "\n" not in str(caught.value)

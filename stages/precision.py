@@ -1,0 +1,104 @@
+"""Make the torch weights exactly what the .mlpackage will decode to.
+
+The converter stores weights in float16 and rebuilds the compressed form from
+the torch weight plus its ``_COREML_`` metadata. Two steps lose precision
+there: pruned weights below float16 eps are dropped from the sparse data, and
+scales (quantization scales, quantized look-up tables, per-channel
+palettization scales) are stored as float16. Evaluating the float32 torch
+weights would then score a model that is not the one shipped. These functions
+apply the same rounding to the torch weights and metadata, so the convert
+stage can prove the package equal to them (read-back difference 0 up to
+float16 subnormals) and evaluate scores the shipped weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stages.model import COREML_PREFIX, PALETTIZATION, PRUNING, QUANTIZATION, compressible_weights, compression_types
+
+FLOAT16_EPS = float(np.finfo(np.float16).eps)
+
+
+def _meta(module: torch.nn.Module, key: str) -> torch.Tensor | None:
+    return getattr(module, f"{COREML_PREFIX}/weight/{key}", None)
+
+
+def _to_float16_grid(tensor: torch.Tensor) -> torch.Tensor:
+    """The nearest float16 values, kept in the tensor's own dtype."""
+    return tensor.to(torch.float16).to(tensor.dtype)
+
+
+def expand_blocks(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Repeat per-block values over their blocks (as the converter does)."""
+    for axis, size in enumerate(shape):
+        if scale.shape[axis] not in (1, size):
+            scale = scale.repeat_interleave(size // scale.shape[axis], dim=axis)
+    return scale
+
+
+def snap_like_converter(model: torch.nn.Module) -> None:
+    """The converter stores a pruned weight as sparse data and drops every
+    |w| < float16 eps (2**-10) from it; do the same to the torch weights and
+    their look-up tables."""
+    for _, module in compressible_weights(model):
+        if PRUNING not in compression_types(module):
+            continue
+        with torch.no_grad():
+            module.weight[module.weight.abs() < FLOAT16_EPS] = 0.0
+            lut = _meta(module, "lut")
+            if lut is not None:
+                lut[lut.abs() < FLOAT16_EPS] = 0.0
+
+
+def _requantize(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """values = scale * (q - zero_point) with q an integer: the same q with a float16 scale."""
+    full_scale = expand_blocks(scale.to(values.dtype), values.shape)
+    offset = 0 if zero_point is None else expand_blocks(zero_point.to(values.dtype), values.shape)
+    # An all-zero row (a padding embedding) can have a zero scale: its levels are 0.
+    ratio = torch.where(full_scale == 0, torch.zeros_like(values), values / torch.where(full_scale == 0, 1, full_scale))
+    levels = torch.round(ratio + offset) - offset
+    return levels * expand_blocks(_to_float16_grid(scale).to(values.dtype), values.shape)
+
+
+def match_package_precision(model: torch.nn.Module) -> int:
+    """Round every scale to float16 and rebuild the weights from it. Returns how
+    many weights changed representation."""
+    from coremltools.optimize import _utils as optimize_utils  # the converter's own index search
+
+    changed = 0
+    for _, module in compressible_weights(model):
+        kinds = compression_types(module)
+        scale, zero_point = _meta(module, "quantization_scale"), _meta(module, "zero_point")
+        lut, channel_scale = _meta(module, "lut"), _meta(module, "palettization_scale")
+        weight = module.weight.detach()
+        with torch.no_grad():
+            if QUANTIZATION in kinds and PALETTIZATION not in kinds:
+                module.weight.copy_(_requantize(weight, scale, zero_point))
+                scale.copy_(_to_float16_grid(scale))
+            elif PALETTIZATION in kinds and (scale is not None or channel_scale is not None):
+                vector_axis = _meta(module, "vector_axis")
+                vector_axis = None if vector_axis is None else int(vector_axis)
+                full_channel_scale = None if channel_scale is None else expand_blocks(channel_scale, weight.shape)
+                plain = weight if full_channel_scale is None else weight / full_channel_scale
+                lut_np = lut.numpy()
+                lut_np = lut_np[..., None] if lut_np.ndim == weight.ndim + 1 else lut_np
+                indices = optimize_utils.find_indices_for_lut(plain.numpy(), lut_np, vector_axis)
+                if scale is not None:  # a quantized look-up table
+                    lut.copy_(_requantize(lut, scale.reshape(scale.shape[:lut.ndim]), zero_point if zero_point is None
+                                          else zero_point.reshape(zero_point.shape[:lut.ndim])))
+                    scale.copy_(_to_float16_grid(scale))
+                else:
+                    lut.copy_(_to_float16_grid(lut))
+                lut_np = lut.numpy()
+                lut_np = lut_np[..., None] if lut_np.ndim == weight.ndim + 1 else lut_np
+                rebuilt = torch.from_numpy(optimize_utils.lut_to_dense(indices, lut_np, vector_axis)).to(weight.dtype)
+                if channel_scale is not None:
+                    channel_scale.copy_(_to_float16_grid(channel_scale))
+                    rebuilt = rebuilt * expand_blocks(channel_scale, weight.shape)
+                module.weight.copy_(rebuilt.reshape(weight.shape))
+            else:
+                continue
+        changed += 1
+    return changed

@@ -1,0 +1,136 @@
+"""Stage 4, quantize: linear quantization of the weights (int8/uint8, int4/uint4).
+
+It comes after palettize and reads its output, so that switching between
+palettization and quantization (or tuning either) reruns only what is
+downstream: with palettize=none it quantizes the (possibly pruned) weights,
+which gives sparse quantization after pruning; with palettize on it is off
+(the schema refuses both at once) and a quantized look-up table is
+palettize.lut_dtype. linear: data-free PostTrainingQuantizer. gptq:
+LayerwiseCompressor (GPTQ) with calibration sentences. The embedding tables,
+which coremltools' torch quantizers skip, are quantized with coremltools'
+Core ML-side block-wise quantizer and given the same metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from stages import config, runtime
+from stages.model import load_weights, save_weights
+from stages.precision import expand_blocks, match_package_precision, snap_like_converter
+from stages.schema import QuantizeConfig
+
+SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
+
+
+def module_config(cfg: QuantizeConfig) -> dict:
+    options = {"weight_dtype": cfg.dtype, "granularity": cfg.granularity, "quantization_scheme": cfg.scheme}
+    if cfg.granularity == "per_block":
+        options["block_size"] = cfg.block_size
+    return options
+
+
+def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Module:
+    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+    quantizer = PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict(
+        {"module_type_configs": {"Linear": module_config(cfg)}}))
+    return quantizer.compress(inplace=True)
+
+
+def gptq_quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor]) -> torch.nn.Module:
+    from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
+
+    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
+        "global_config": {"algorithm": "gptq", **module_config(cfg)},
+        "input_cacher": "gpt",  # the default cacher fails on BERT (see shared notes)
+        "layers": [r"encoder\.layer\.\d+"],
+        "calibration_nsamples": len(samples),
+    }))
+    return compressor.compress(samples, device="cpu", inplace=True)
+
+
+def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
+    """Quantize every nn.Embedding table with one scale per row (per_channel),
+    per block of block_size hidden values, or per table. Returns how many."""
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+    from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
+
+    done = 0
+    for _, module in model.named_modules():
+        if not isinstance(module, torch.nn.Embedding):
+            continue
+        weight = module.weight.detach().numpy().astype(np.float32)
+        blocks = {"per_tensor": [0, 0], "per_channel": [1, 0], "per_block": [1, cfg.block_size]}[cfg.granularity]
+        params = linear_quantize_weights.blockwise_compress(
+            weight, cfg.n_bits, SCHEMES[cfg.scheme], not cfg.dtype.startswith("u"), blocks)
+        if params is None:  # the hidden size does not divide by block_size
+            raise ValueError(f"quantize.block_size={cfg.block_size}: does not divide the embedding width "
+                             f"{weight.shape[1]}; allowed: a divisor of every layer's input size")
+        scale = torch.from_numpy(params.scale.astype(np.float32))
+        # An all-zero row (the padding token's) gets scale 0, which the converter
+        # would divide by; any positive scale encodes those zeros exactly.
+        scale[scale == 0] = 1.0
+        offset = None if params.offset is None else torch.from_numpy(params.offset.astype(np.float32))
+        levels = torch.from_numpy(params.data.astype(np.float32))
+        if offset is not None:
+            levels = levels - expand_blocks(offset, levels.shape)
+        dequantized = levels * expand_blocks(scale, levels.shape)
+        with torch.no_grad():
+            module.weight.copy_(dequantized)
+        CompressionMetadata(param_name="weight", quantization_n_bits=cfg.n_bits,
+                            quantization_scale=scale, zero_point=offset,
+                            compression_type=["quantization"]).register(module)  # appended to pruning, if any
+        done += 1
+    return done
+
+
+def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None) -> torch.nn.Module:
+    if cfg.method == "none":
+        return model
+    model = gptq_quantize(model, cfg, samples or []) if cfg.method == "gptq" else linear_quantize(model, cfg)
+    if cfg.embeddings:
+        quantize_embeddings(model, cfg)
+    return model
+
+
+def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None,
+        log=None) -> torch.nn.Module:
+    """The whole stage on a model in memory: quantize, then round to what the package stores."""
+    if cfg.method == "none":
+        return model
+    model = quantize(model, cfg, samples)
+    snap_like_converter(model)
+    (log or runtime.log).info("rounded the scales of %d weights to float16, as the package stores them",
+                              match_package_precision(model))
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default=str(config.PARAMS))
+    parser.add_argument("--weights", required=True, help="weights from the palettize stage")
+    parser.add_argument("--out", required=True, help="quantized weights (.safetensors)")
+    args = parser.parse_args(argv)
+    params = config.load(("model", "data", "quantize"), args.params)
+    cfg: QuantizeConfig = params["quantize"]
+    log = runtime.setup("quantize")
+
+    model = load_weights(params["model"], args.weights)
+    if cfg.method != "none":
+        samples = None
+        if cfg.method == "gptq":
+            from stages.prune import calibration_inputs
+
+            samples = calibration_inputs(params["model"], params["data"], cfg.num_samples, seed=0)
+        with runtime.timed(log, f"quantize method={cfg.method} {cfg.dtype} {cfg.scheme} {cfg.granularity}"):
+            model = run(model, cfg, samples, log)
+    save_weights(model, args.out)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(runtime.run_cli(main))

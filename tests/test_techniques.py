@@ -1,0 +1,90 @@
+"""Every compression technique, through conversion, on a tiny random BERT.
+
+Structure tests, not quality: each recipe runs the stages' own in-memory
+functions (prune, palettize, quantize), is converted with ct.convert, and the
+saved program must hold the constexpr ops of that technique and decode to
+exactly the torch weights (read back from the package on its own).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages import convert, palettize, quantize
+from stages.calibrate import sensitivity
+from stages.model import compressible_weights
+from stages.prune import prune
+from stages.schema import ConvertConfig, ModelConfig, PalettizeConfig, PruneConfig, QuantizeConfig, check_combination
+from test_compression import pair_batches, token_batches
+
+LUT, SPARSE, SCALE = "constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_blockwise_shift_scale"
+LUT_SPARSE, SPARSE_SCALE = "constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale"
+OFF = PalettizeConfig(method="none")
+
+
+def pal(**options) -> PalettizeConfig:
+    options.setdefault("granularity", "per_grouped_channel")
+    options.setdefault("group_size", 16 if options["granularity"] == "per_grouped_channel" else None)
+    return PalettizeConfig(**{"method": "kmeans", "n_bits": 4, "num_kmeans_workers": 1, **options})
+
+
+def quant(**options) -> QuantizeConfig:
+    return QuantizeConfig(**{"method": "linear", **options})
+
+
+MAGNITUDE = PruneConfig(method="magnitude", target_sparsity=0.5)
+
+# name: (prune, palettize, quantize, op chain every Linear weight must end with)
+TECHNIQUES = {
+    "kmeans-4bit-per-tensor": (None, pal(granularity="per_tensor"), None, [LUT]),
+    "kmeans-1bit-per-tensor": (None, pal(n_bits=1, granularity="per_tensor"), None, [LUT]),
+    "kmeans-6bit-g16": (None, pal(n_bits=6), None, [LUT]),
+    "kmeans-8bit-per-tensor": (None, pal(n_bits=8, granularity="per_tensor"), None, [LUT]),
+    "sensitive-kmeans-3bit-g16": (None, pal(method="sensitive_kmeans", n_bits=3), None, [LUT]),
+    "uniform-3bit-g16": (None, pal(method="uniform", n_bits=3), None, [LUT]),
+    "kmeans-per-channel-scale": (None, pal(granularity="per_tensor", enable_per_channel_scale=True), None, [SCALE, LUT]),
+    "kmeans-int8-lut": (None, pal(lut_dtype="int8"), None, [SCALE, LUT]),
+    "kmeans-vector-cluster-dim-2": (None, pal(granularity="per_tensor", cluster_dim=2), None, [LUT]),
+    "int8-per-channel": (None, OFF, quant(), [SCALE]),
+    "uint8-affine-per-tensor": (None, OFF, quant(dtype="uint8", scheme="affine", granularity="per_tensor"), [SCALE]),
+    "int4-per-block-32": (None, OFF, quant(dtype="int4", granularity="per_block", block_size=32), [SCALE]),
+    "gptq-uint4-per-block-32": (None, OFF, quant(method="gptq", dtype="uint4", granularity="per_block", block_size=32),
+                                [SCALE]),
+    "gptq-uint8-affine": (None, OFF, quant(method="gptq", dtype="uint8", scheme="affine"), [SCALE]),
+    "magnitude-only": (MAGNITUDE, OFF, None, [SPARSE]),
+    "magnitude-block-2-only": (PruneConfig(method="magnitude", target_sparsity=0.5, block_size=2), OFF, None, [SPARSE]),
+    "magnitude-2:4-int8": (PruneConfig(method="magnitude", target_sparsity=0.5, n_m_ratio=[2, 4]), OFF, quant(),
+                           [SPARSE_SCALE, SPARSE]),
+    "magnitude-kmeans-4bit": (MAGNITUDE, pal(), None, [LUT_SPARSE, SPARSE]),
+    "sparse-gpt-int4-affine": (PruneConfig(method="sparse_gpt", target_sparsity=0.4), OFF,
+                               quant(dtype="int4", scheme="affine"), [SPARSE_SCALE, SPARSE]),
+    "magnitude-kmeans-per-channel-scale": (MAGNITUDE, pal(granularity="per_tensor", enable_per_channel_scale=True),
+                                           None, [LUT_SPARSE, SPARSE, SCALE]),
+}
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, tiny_bert, tmp_path):
+    prune_cfg, palettize_cfg, quantize_cfg, chain = TECHNIQUES[name]
+    check_combination({"prune": prune_cfg or PruneConfig(), "palettize": palettize_cfg,
+                       "quantize": quantize_cfg or QuantizeConfig()})
+    model = tiny_bert()
+    if prune_cfg is not None:
+        model = prune(model, prune_cfg, token_batches(4))
+    values = sensitivity(model, pair_batches(2)) if palettize_cfg.method == "sensitive_kmeans" else None
+    model = palettize.run(model, palettize_cfg, values)
+    if quantize_cfg is not None:
+        model = quantize.run(model, quantize_cfg, token_batches(4))
+
+    report = convert.convert_and_check(model, ModelConfig(), ConvertConfig(seq_len=16), tmp_path / "m.mlpackage",
+                                       convert.runtime.log, provenance={})
+    assert report["max_abs_diff"] <= 6e-8
+    linear = [f"{n}.weight" for n, m in compressible_weights(model) if isinstance(m, torch.nn.Linear)]
+    chains = {tuple(report["weights"][w]["ops"]) for w in linear}
+    assert chains == {tuple(chain)}, chains
+    if palettize_cfg.method != "none" or quantize_cfg is not None:  # pruning alone leaves embeddings dense
+        assert report["weights"]["embeddings.word_embeddings.weight"]["ops"] != ["const"]
+    if prune_cfg is not None:
+        assert all(float((m.weight == 0).float().mean()) >= 0.3 for _, m in compressible_weights(model)
+                   if isinstance(m, torch.nn.Linear))
