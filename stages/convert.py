@@ -161,9 +161,10 @@ def package_weights(program) -> dict[str, tuple[np.ndarray, list[str]]]:
 def find_weight(weights: dict, param_name: str, numel: int, prefix: str = "bert"):
     """The package's value of a torch parameter. The torch frontend names it
     <prefix>_<param path with _>, plus a counter when a compression chain
-    needed two ops, plus a cast suffix."""
+    needed two ops, plus a cast suffix; coremltools.optimize.coreml appends
+    what it did (_sparsified, _palettized, _quantized)."""
     key = re.escape(f"{prefix}_{param_name.replace('.', '_')}")
-    pattern = re.compile(rf"^{key}(_\d+)?(_cast_fp16|_to_fp16)?$")
+    pattern = re.compile(rf"^{key}(_\d+)?(_cast_fp16|_to_fp16)?(_sparsified|_palettized|_quantized)*$")
     found = [w for name, w in weights.items() if pattern.match(name) and np.asarray(w[0]).size == numel]
     return found[0] if len(found) == 1 else None
 
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, help="read-back report (.json)")
     args = parser.parse_args(argv)
     # Every section that shaped the weights is recorded in the package's provenance.
-    params = config.load(("model", "data", "prune", "calibrate", "palettize", "quantize", "convert"), args.params)
+    params = config.load(("model", "data", "prune", "finetune", "calibrate", "palettize", "quantize", "convert"),
+                         args.params)
     log = runtime.setup("convert")
 
     data_cfg = params["data"]

@@ -23,6 +23,7 @@ GRANULARITIES = ("per_tensor", "per_grouped_channel")
 # uniform: evenly spaced look-up table between each group's min and max (coremltools' "uniform" mode).
 PALETTIZE_METHODS = ("none", "kmeans", "sensitive_kmeans", "uniform")
 QUANTIZE_METHODS = ("none", "linear", "gptq")
+FINETUNE_METHODS = ("none", "dkm", "qat", "gradual_prune")
 QUANTIZE_DTYPES = ("int8", "uint8", "int4", "uint4")
 QUANTIZE_SCHEMES = ("symmetric", "affine")
 QUANTIZE_GRANULARITIES = ("per_tensor", "per_channel", "per_block")
@@ -89,6 +90,8 @@ class DataConfig:
     dir: str = "data/stsb"
     calibration_file: str = "sts-dev.csv"
     eval_file: str = "sts-test.csv"
+    # Fine-tuning pairs for training-time compression (the finetune stage).
+    train_file: str = "sts-train.csv"
     # None: every pair of the evaluation split.
     eval_max_pairs: Optional[int] = None
 
@@ -96,7 +99,7 @@ class DataConfig:
         root = Path(self.dir)
         if not root.is_dir():
             fail(f"{prefix}.dir", self.dir, "allowed: an existing directory holding the STS-B csv files")
-        for key in ("calibration_file", "eval_file"):
+        for key in ("calibration_file", "eval_file", "train_file"):
             name = getattr(self, key)
             if not (root / name).is_file():
                 fail(f"{prefix}.{key}", name, f"allowed: a file that exists in {self.dir}")
@@ -130,6 +133,36 @@ class PruneConfig:
             fail(f"{prefix}.method", self.method, "target_sparsity and n_m_ratio need method magnitude or sparse_gpt")
         if self.method != "none" and self.target_sparsity == 0 and not self.n_m_ratio:
             fail(f"{prefix}.target_sparsity", self.target_sparsity, f"allowed: (0, 1) when method={self.method}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Compression while fine-tuning on the STS-B train split (cosine-similarity loss).
+
+    dkm: DKMPalettizer learns look-up tables with palettize's n_bits/granularity/group_size;
+    palettize.method=kmeans then stores them (exactly: each group already has at most
+    2**n_bits values). qat: quantization-aware training against quantize's dtype and
+    granularity; the quantize stage then stores the trained weights. gradual_prune:
+    MagnitudePruner raising sparsity to target_sparsity along a polynomial schedule.
+    """
+
+    method: str = "none"
+    steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 2.0e-5
+    # gradual_prune only.
+    target_sparsity: float = 0.5
+    seed: int = 0
+    # Log the loss every this many steps.
+    log_every: int = 20
+
+    def check(self, prefix: str = "finetune") -> None:
+        _check_choice(f"{prefix}.method", self.method, FINETUNE_METHODS)
+        for key in ("steps", "batch_size", "log_every"):
+            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
+        if not 0 < self.learning_rate < 1:
+            fail(f"{prefix}.learning_rate", self.learning_rate, "allowed: a number in (0, 1)")
+        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
 
 
 @dataclass
@@ -242,6 +275,21 @@ class QuantizeConfig:
 
 
 @dataclass
+class CoremlConfig:
+    """The Core ML-side path: the same recipe applied by coremltools.optimize.coreml
+    to the float16 package (data-free), scored beside the torch-side result."""
+
+    enabled: bool = False
+    # Weights with fewer elements stay float16 (coremltools' weight_threshold);
+    # 0 compresses every linear and embedding weight, as the torch side does.
+    weight_threshold: int = 0
+
+    def check(self, prefix: str = "coreml") -> None:
+        if self.weight_threshold < 0:
+            fail(f"{prefix}.weight_threshold", self.weight_threshold, "allowed: an integer >= 0")
+
+
+@dataclass
 class ConvertConfig:
     minimum_deployment_target: str = "iOS18"
     # Sequence length the model is traced and converted for.
@@ -278,9 +326,11 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "prune": PruneConfig,
+    "finetune": FinetuneConfig,
     "calibrate": CalibrateConfig,
     "palettize": PalettizeConfig,
     "quantize": QuantizeConfig,
+    "coreml": CoremlConfig,
     "convert": ConvertConfig,
     "evaluate": EvaluateConfig,
 }
@@ -335,22 +385,33 @@ def check_combination(sections: dict[str, Any]) -> None:
     quantization (sparse quantization), palettization + quantized look-up table.
     """
     prune, palettize, quantize = (sections.get(name) for name in ("prune", "palettize", "quantize"))
-    pruned = prune is not None and prune.method != "none"
+    finetune = sections.get("finetune")
+    method = finetune.method if finetune is not None else "none"
+    if method == "dkm" and palettize is not None and palettize.method != "kmeans":
+        fail("finetune.method", method, f"needs palettize.method=kmeans to store the learned tables "
+             f"(got {palettize.method})")
+    if method == "qat" and quantize is not None and quantize.method != "linear":
+        fail("finetune.method", method, f"needs quantize.method=linear to store the trained weights "
+             f"(got {quantize.method})")
+    if method == "gradual_prune" and prune is not None and prune.method != "none":
+        fail("finetune.method", method, f"prunes while training; set prune.method=none (got {prune.method})")
+    pruned = (prune is not None and prune.method != "none") or method == "gradual_prune"
+    source = f"prune.method={prune.method}" if prune is not None and prune.method != "none" else f"finetune.method={method}"
     if palettize is not None and quantize is not None and palettize.method != "none" and quantize.method != "none":
         fail("quantize.method", quantize.method,
              f"palettize.method={palettize.method} already compresses every weight; quantize its look-up table "
              "with palettize.lut_dtype=int8, or set palettize=none for linear quantization")
     if pruned and palettize is not None and palettize.method == "uniform":
-        fail("palettize.method", "uniform", f"with prune.method={prune.method}: a uniform table has no zero entry, "
+        fail("palettize.method", "uniform", f"with {source}: a uniform table has no zero entry, "
              "pruned zeros would be lost; use kmeans or sensitive_kmeans")
     if pruned and palettize is not None and palettize.method != "none" and palettize.cluster_dim > 1:
         fail("palettize.cluster_dim", palettize.cluster_dim,
-             f"allowed: 1 with prune.method={prune.method} (coremltools has no sparse vector palettization)")
+             f"allowed: 1 with {source} (coremltools has no sparse vector palettization)")
     if pruned and palettize is not None and palettize.method != "none" and palettize.lut_dtype:
         # ct.convert 9.0 fails on pruning + palettization + quantized table ("weight should have same rank as scale").
         fail("palettize.lut_dtype", palettize.lut_dtype,
-             f"allowed: null with prune.method={prune.method} (coremltools cannot convert sparse palettization "
+             f"allowed: null with {source} (coremltools cannot convert sparse palettization "
              "with a quantized look-up table)")
     if pruned and quantize is not None and quantize.method == "gptq":
-        fail("quantize.method", "gptq", f"with prune.method={prune.method}: GPTQ updates every weight and refills "
+        fail("quantize.method", "gptq", f"with {source}: GPTQ updates every weight and refills "
              "pruned zeros; use quantize.method=linear for sparse quantization")

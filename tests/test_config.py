@@ -25,13 +25,16 @@ def test_params_yaml_is_the_composition_of_conf():
     ["palettize.granularity=per_tensor", "palettize.group_size=null"], ["palettize.embeddings.enabled=false"],
     ["palettize=uniform"], ["palettize=none", "quantize=int8"], ["palettize=none", "quantize=int4_block"],
     ["palettize=none", "quantize=gptq"], ["prune=magnitude", "palettize=none", "quantize=int8"],
-    ["palettize.lut_dtype=int8"], ["palettize=kmeans", "palettize.cluster_dim=2"],
+    ["palettize.lut_dtype=int8"], ["palettize=kmeans", "palettize.cluster_dim=2"], ["coreml=compare"],
+    ["finetune=dkm", "palettize=kmeans"], ["finetune=qat", "palettize=none", "quantize=int8"],
+    ["finetune=gradual_prune", "palettize=kmeans"],
 ])
 def test_every_config_group_composes_into_a_valid_config(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     sections = validate(OmegaConf.to_container(cfg, resolve=True))
-    assert set(sections) == {"model", "data", "prune", "calibrate", "palettize", "quantize", "convert", "evaluate"}
+    assert set(sections) == {"model", "data", "prune", "finetune", "calibrate", "palettize", "quantize", "coreml",
+                             "convert", "evaluate"}
 
 
 BAD_VALUES = [
@@ -93,8 +96,8 @@ def test_magnitude_pruning_needs_a_sparsity():
         validate(params)
 
 
-@pytest.mark.parametrize("stage", ["validate", "prune", "calibrate", "palettize", "quantize", "convert", "baseline",
-                                   "evaluate"])
+@pytest.mark.parametrize("stage", ["validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert",
+                                   "baseline", "coreml_compress", "evaluate"])
 def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     params = yaml.safe_load(config.PARAMS.read_text())
     bad = tmp_path / "params.yaml"
@@ -106,6 +109,9 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
             "calibrate": ["--weights", "x", "--out", str(out)],
             "palettize": ["--weights", "x", "--sensitivity", "x", "--out", str(out)],
             "quantize": ["--weights", "x", "--out", str(out)],
+            "finetune": ["--weights", "x", "--out", str(out)],
+            "coreml_compress": ["--float-package", "x", "--float-embeddings", "x", "--float-report", "x",
+                                "--out", str(out), "--metrics", str(out)],
             "convert": ["--weights", "x", "--out", str(out), "--report", str(out)],
             "baseline": ["--package", str(out), "--embeddings", str(out), "--report", str(out)],
             "evaluate": ["--weights", "x", "--package", "x", "--readback", "x", "--float-embeddings", "x",
@@ -147,6 +153,16 @@ BAD_COMBINATIONS = [
      "palettize.cluster_dim=2 is not allowed; allowed: 1 with enable_per_channel_scale"),
     ({"palettize.cluster_dim": 2}, "palettize.cluster_dim=2 is not allowed; allowed: 1 with method=sensitive_kmeans"),
     ({"palettize.method": "uniform", "palettize.lut_dtype": "int8"}, "palettize.method='uniform' is not allowed; uniform"),
+    ({"finetune.method": "dkm"}, "finetune.method='dkm' is not allowed; needs palettize.method=kmeans"),
+    ({"finetune.method": "qat"}, "finetune.method='qat' is not allowed; needs quantize.method=linear"),
+    ({"finetune.method": "gradual_prune", "prune.method": "magnitude", "prune.target_sparsity": 0.3},
+     "finetune.method='gradual_prune' is not allowed; prunes while training; set prune.method=none"),
+    ({"finetune.method": "gradual_prune", "palettize.method": "uniform"},
+     "palettize.method='uniform' is not allowed; with finetune.method=gradual_prune"),
+    ({"finetune.steps": 0}, "finetune.steps=0 is not allowed; allowed: a positive integer"),
+    ({"finetune.learning_rate": 3.0}, "finetune.learning_rate=3.0 is not allowed; allowed: a number in (0, 1)"),
+    ({"coreml.weight_threshold": -1}, "coreml.weight_threshold=-1 is not allowed"),
+    ({"data.train_file": "nope.csv"}, "data.train_file='nope.csv' is not allowed; allowed: a file that exists"),
 ]
 
 

@@ -1,0 +1,191 @@
+"""Stage 2, finetune (optional): compression while fine-tuning, the third workflow.
+
+Fine-tunes on the STS-B train split with the cosine-similarity loss
+all-MiniLM was trained with, while compressing:
+
+- dkm: coremltools' DKMPalettizer (differentiable k-means) learns look-up
+  tables with the palettize section's n_bits, granularity and group size. The
+  palettize stage (method kmeans) then stores them; every group already holds
+  at most 2**n_bits values, so its exact 1-D k-means finds those tables again.
+- qat: quantization-aware training of the weights against the quantize
+  section's dtype, scheme and granularity; the quantize stage stores the result.
+  coremltools' LinearQuantizer needs torch.fx, which cannot trace transformers'
+  BertModel ("slice indices must be integers"), so the weights are fake-quantized
+  here with a straight-through estimator instead (torch parametrization).
+- gradual_prune: coremltools' MagnitudePruner, sparsity raised from 0 to
+  target_sparsity along its polynomial-decay schedule over the training steps.
+
+With method none the pruned weights pass through unchanged (the same bytes,
+so DVC's cache serves everything downstream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+from stages import config, runtime
+from stages.data import load_pairs
+from stages.model import COREML_PREFIX, PALETTIZATION, compression_types, load_tokenizer, load_weights, pool, save_weights
+from stages.schema import FinetuneConfig, PalettizeConfig, QuantizeConfig
+
+
+def batches(pairs, tokenizer, max_length: int, batch_size: int, steps: int, seed: int):
+    """``steps`` shuffled mini-batches of pairs (epochs repeat as needed)."""
+    order: list[int] = []
+    rng = random.Random(seed)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            epoch = list(range(len(pairs)))
+            rng.shuffle(epoch)
+            order += epoch
+        chosen, order = order[:batch_size], order[batch_size:]
+        encode = lambda texts: tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        yield {"a": encode([pairs.sentence1[i] for i in chosen]), "b": encode([pairs.sentence2[i] for i in chosen]),
+               "label": torch.tensor([pairs.scores[i] / 5.0 for i in chosen])}
+
+
+def cosine_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def embed(tokens):
+        hidden = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        return pool(hidden, tokens["attention_mask"])
+
+    cosine = torch.nn.functional.cosine_similarity(embed(batch["a"]), embed(batch["b"]), dim=-1)
+    return torch.nn.functional.mse_loss(cosine, batch["label"])
+
+
+class FakeQuantize(torch.nn.Module):
+    """w -> scale * round(w / scale) in the forward pass, identity gradient
+    (straight-through estimator); symmetric or affine, per tensor, channel or block."""
+
+    def __init__(self, cfg: QuantizeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.levels = 2 ** cfg.n_bits - 1
+
+    def _blocks(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.cfg.granularity == "per_tensor":
+            return weight.reshape(1, 1, -1)
+        block = weight.shape[1] if self.cfg.granularity == "per_channel" else self.cfg.block_size
+        return weight.reshape(weight.shape[0], -1, block)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        blocks = self._blocks(weight)
+        if self.cfg.scheme == "symmetric":
+            scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-12) / (self.levels / 2)
+            quantized = torch.round(blocks / scale).clamp(-(self.levels + 1) // 2, self.levels // 2) * scale
+        else:
+            low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+            scale = (high - low).clamp(min=1e-12) / self.levels
+            quantized = (torch.round((blocks - low) / scale).clamp(0, self.levels)) * scale + low
+        return blocks.add((quantized - blocks).detach()).reshape(weight.shape)
+
+
+def prepare(model: torch.nn.Module, cfg: FinetuneConfig, palettize: PalettizeConfig, quantize: QuantizeConfig):
+    """Returns (model to train, coremltools compressor or None)."""
+    if cfg.method == "dkm":
+        from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig
+
+        grouped = palettize.granularity == "per_grouped_channel"
+        # Initial tables by exact 1-D k-means (as PostTrainingPalettizer), not DKM's default of
+        # 10 random k-means++ runs per group, which takes many minutes per layer on a CPU.
+        start = {"kmeans_init": "opt1d", "kmeans_n_init": 1, "weight_threshold": 0}
+        linear = {"n_bits": palettize.n_bits, "granularity": palettize.granularity, **start,
+                  "group_size": palettize.group_size if grouped else None}
+        # DKM groups along axis 0 only, and the vocabulary (30522 rows) divides by no useful group:
+        # one table per embedding. The palettize stage's per-group tables along the hidden axis
+        # then hold the same <= 2**n_bits values.
+        embedding = {"n_bits": palettize.embeddings.n_bits or palettize.n_bits, **start}
+        compressor = DKMPalettizer(model, DKMPalettizerConfig.from_dict({"module_type_configs": {
+            "Linear": linear, "Embedding": embedding if palettize.embeddings.enabled else None}}))
+        return compressor.prepare(inplace=True), compressor
+    if cfg.method == "gradual_prune":
+        from coremltools.optimize.torch.pruning import MagnitudePruner, MagnitudePrunerConfig
+
+        compressor = MagnitudePruner(model, MagnitudePrunerConfig.from_dict({"module_type_configs": {"Linear": {
+            "initial_sparsity": 0.0, "target_sparsity": float(cfg.target_sparsity),
+            # reach the target at 3/4 of the run, then train at it
+            "scheduler": {"update_steps": list(range(0, max(1, 3 * cfg.steps // 4), max(1, cfg.steps // 20)))}}}}))
+        return compressor.prepare(inplace=True), compressor
+    if cfg.method == "qat":
+        for _, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Embedding) and quantize.embeddings):
+                parametrize.register_parametrization(module, "weight", FakeQuantize(quantize))
+        return model, None
+    return model, None
+
+
+def finish(model: torch.nn.Module, cfg: FinetuneConfig, compressor) -> torch.nn.Module:
+    """Plain weights for the downstream stage to store (pruning metadata kept)."""
+    if compressor is not None:
+        model = compressor.finalize(inplace=True)
+    if cfg.method == "qat":
+        for _, module in model.named_modules():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if cfg.method == "dkm":
+        # The palettize stage registers the tables it stores; drop DKM's own.
+        for _, module in model.named_modules():
+            if PALETTIZATION in compression_types(module):
+                for name in [n for n, _ in module.named_buffers(recurse=False) if n.startswith(COREML_PREFIX)]:
+                    delattr(module, name)
+    return model
+
+
+def train(model: torch.nn.Module, cfg: FinetuneConfig, palettize: PalettizeConfig, quantize: QuantizeConfig,
+          data, log) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    model.train()
+    model, compressor = prepare(model, cfg, palettize, quantize)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+    recent: list[float] = []
+    for step, batch in enumerate(data, start=1):
+        loss = cosine_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if compressor is not None:
+            compressor.step()
+        recent.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.info("finetune %s step %d/%d loss %.5f", cfg.method, step, cfg.steps, sum(recent) / len(recent))
+            recent = []
+    return finish(model, cfg, compressor).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default=str(config.PARAMS))
+    parser.add_argument("--weights", required=True, help="pruned weights from the prune stage")
+    parser.add_argument("--out", required=True, help="fine-tuned weights (.safetensors)")
+    args = parser.parse_args(argv)
+    params = config.load(("model", "data", "finetune", "palettize", "quantize"), args.params)
+    cfg: FinetuneConfig = params["finetune"]
+    log = runtime.setup("finetune", cfg.seed)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.method == "none":
+        shutil.copyfile(args.weights, out)
+        log.info("finetune.method is none: %s passes through", args.weights)
+        return
+    model_cfg = params["model"]
+    pairs = load_pairs(params["data"], params["data"].train_file)
+    data = batches(pairs, load_tokenizer(model_cfg), model_cfg.max_length, cfg.batch_size, cfg.steps, cfg.seed)
+    model = load_weights(model_cfg, args.weights)
+    with runtime.timed(log, f"finetune method={cfg.method} {cfg.steps} steps of {cfg.batch_size} pairs"):
+        model = train(model, cfg, params["palettize"], params["quantize"], data, log)
+    save_weights(model, out)
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(runtime.run_cli(main))
