@@ -1,7 +1,8 @@
 """Measure compression recipes on the default model, each as a DVC experiment.
 
-    python -m bench.recipes                # every recipe
-    python -m bench.recipes skm-4bit-g16   # some of them
+    python -m bench.recipes                          # every recipe of the first set
+    python -m bench.recipes skm-4bit-g16             # some of them
+    python -m bench.recipes --set techniques         # every technique, one row each
 
 Each recipe is `dvc exp run --temp -S ...` on the committed pipeline, so
 stages a recipe shares with an earlier one are restored from DVC's run-cache.
@@ -23,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
-MARKERS = ("<!-- recipes:start -->", "<!-- recipes:end -->")
+TORCH_SIDE, COREML_SIDE = "metrics/evaluate.json", "metrics/coreml.json"
 
-# (name, Hydra overrides, what it is)
+# (name, Hydra overrides, what it is): the recipes the default was chosen from
 RECIPES: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-g16-linear", ["palettize=kmeans", "palettize.embeddings.enabled=false"],
      "k-means 4-bit, group 16, Linear layers only (coremltools' default scope)"),
@@ -43,51 +44,109 @@ RECIPES: list[tuple[str, list[str], str]] = [
      "40% SparseGPT, then sensitive k-means 4-bit, group 16"),
 ]
 
+KMEANS, NO_PALETTE = ["palettize=kmeans"], ["palettize=none"]
+LINEAR_ONLY = ["palettize.embeddings.enabled=false"]
+# Every technique of coremltools.optimize, one config switch each (README "Every technique").
+# Rows named coreml-* are the Core ML side (coremltools.optimize.coreml on the float16 package).
+TECHNIQUES: list[tuple[str, list[str], str]] = [
+    ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the default)"),
+    ("kmeans-4bit-per-tensor", KMEANS + ["palettize.granularity=per_tensor", "palettize.group_size=null"],
+     "k-means 4-bit, one table per tensor"),
+    ("kmeans-4bit-g16", KMEANS, "k-means 4-bit, group 16"),
+    ("kmeans-2bit-g16", KMEANS + ["palettize.n_bits=2"], "k-means 2-bit, group 16"),
+    ("kmeans-3bit-g16", KMEANS + ["palettize.n_bits=3"], "k-means 3-bit, group 16"),
+    ("kmeans-6bit-g16", KMEANS + ["palettize.n_bits=6"], "k-means 6-bit, group 16"),
+    ("kmeans-8bit-g16-emb4", KMEANS + ["palettize.n_bits=8", "palettize.embeddings.n_bits=4"],
+     "k-means 8-bit, group 16 (embeddings 4-bit)"),
+    ("uniform-4bit-g16", ["palettize=uniform"], "uniform (linear histogram) 4-bit tables, group 16"),
+    ("kmeans-4bit-channel-scale", KMEANS + ["palettize.granularity=per_tensor", "palettize.group_size=null",
+                                            "palettize.enable_per_channel_scale=true"],
+     "k-means 4-bit, one table per tensor, per-channel scales"),
+    ("kmeans-4bit-g16-int8-lut", KMEANS + ["palettize.lut_dtype=int8"], "k-means 4-bit, group 16, int8 look-up tables"),
+    ("int8-per-channel", NO_PALETTE + ["quantize=int8"], "linear int8, symmetric, per channel"),
+    ("int4-per-block-32", NO_PALETTE + ["quantize=int4_block"], "linear int4, symmetric, per block of 32"),
+    ("uint8-affine-per-tensor", NO_PALETTE + ["quantize=int8", "quantize.dtype=uint8", "quantize.scheme=affine",
+                                              "quantize.granularity=per_tensor"], "linear uint8, affine, per tensor"),
+    ("gptq-uint4-per-block-32", NO_PALETTE + ["quantize=gptq"], "GPTQ uint4, per block of 32 (64 sentences)"),
+    ("magnitude40-kmeans-4bit-g16", ["prune=magnitude"] + KMEANS, "40% magnitude pruning + k-means 4-bit, group 16"),
+    ("magnitude-2of4-int8", ["prune=magnitude", "prune.n_m_ratio=[2,4]"] + NO_PALETTE + ["quantize=int8"],
+     "2:4 magnitude pruning + int8 per channel (sparse quantization)"),
+    ("sparsegpt40-int8", ["prune=sparse_gpt"] + NO_PALETTE + ["quantize=int8"], "40% SparseGPT + int8 per channel"),
+    ("coreml-kmeans-4bit-g4", ["coreml=compare"], "Core ML side: the default recipe as data-free k-means"),
+    ("coreml-int4-per-block-32", NO_PALETTE + ["quantize=int4_block", "coreml=compare"],
+     "Core ML side: linear int4, per block of 32"),
+    ("kmeans-2bit-g16-linear", KMEANS + ["palettize.n_bits=2"] + LINEAR_ONLY,
+     "k-means 2-bit, group 16, Linear layers only (post-training)"),
+    ("dkm-2bit-g16-linear", KMEANS + ["palettize.n_bits=2"] + LINEAR_ONLY
+     + ["finetune=dkm", "finetune.steps=40", "finetune.learning_rate=1e-5", "finetune.log_every=10"],
+     "DKM 2-bit, group 16, Linear layers only, 40 steps of 16 pairs"),
+    ("qat-int4-per-block-32", NO_PALETTE + ["quantize=int4_block", "finetune=qat", "finetune.steps=100"],
+     "QAT int4 per block of 32, 100 steps of 16 pairs"),
+    ("gradual40-kmeans-4bit-g16", ["finetune=gradual_prune", "finetune.target_sparsity=0.4", "finetune.steps=100"]
+     + KMEANS, "40% pruning while fine-tuning (100 steps) + k-means 4-bit, group 16"),
+    ("kmeans-4bit-vector-2", KMEANS + ["palettize.granularity=per_tensor", "palettize.group_size=null",
+                                       "palettize.cluster_dim=2"], "vector palettization: 4-bit, 2-D entries, per tensor"),
+]
+SETS = {"recipes": RECIPES, "techniques": TECHNIQUES}
 
-def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+
+def metrics_file(name: str) -> str:
+    return COREML_SIDE if name.startswith("coreml-") else TORCH_SIDE
+
+
+def dvc(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TQDM_DISABLE": "1"}
-    return subprocess.run(["dvc", *args], cwd=ROOT, env=env, check=check, capture_output=True, text=True)
+    return subprocess.run(["dvc", *args], cwd=ROOT, env=env, check=check, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def experiment_metrics(name: str) -> dict:
     """Metrics and params of one named experiment, from `dvc exp show --json`."""
+    file = metrics_file(name)
     shown = json.loads(dvc("exp", "show", "--json", "--no-fetch").stdout)
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs", []):
                 if rev.get("name") == name:
                     data = rev["data"]
-                    return {"metrics": data["metrics"]["metrics/evaluate.json"]["data"],
+                    return {"metrics": data["metrics"][file]["data"],
                             "params": data["params"]["params.yaml"]["data"]}
     raise KeyError(f"experiment {name} not found in dvc exp show")
 
 
-def run_recipe(name: str, overrides: list[str]) -> dict:
+def run_recipe(name: str, overrides: list[str], timeout: float) -> dict:
     dvc("exp", "remove", name, check=False)
     args = ["exp", "run", "--temp", "-n", name]
     for override in overrides:
         args += ["-S", override]
     start = time.perf_counter()
-    result = dvc(*args, check=False)
+    try:
+        result = dvc(*args, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "overrides": overrides, "timed_out": round(timeout)}
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     output = result.stdout + result.stderr
     ran = sorted(set(re.findall(r"stage=(\w+) start", output)))
-    # Compression time: what the prune, calibrate and palettize stages themselves
-    # logged; absent when DVC restored the stage from its run-cache.
-    took = {stage: float(secs) for stage, secs in re.findall(r"pipeline\.(\w+) (?:prune|sensitivity|palettize)[^\n]* took ([\d.]+) s", output)}
+    # Compression time: what the compressing stages themselves logged; absent
+    # when DVC restored the stage from its run-cache.
+    took = {stage: float(secs) for stage, secs in re.findall(
+        r"pipeline\.(\w+) (?:prune|finetune|sensitivity|palettize|quantize|coremltools)[^\n]* took ([\d.]+) s", output)}
     return {"name": name, "overrides": overrides, "seconds": round(seconds, 1), "stages_run": ran,
             "compression_seconds": took, **experiment_metrics(name)}
+
+
+COMPRESSING_STAGES = ("prune", "finetune", "calibrate", "palettize", "quantize", "coreml_compress")
 
 
 def compression_time(row: dict) -> str:
     if "compression_seconds" not in row:
         return "not recorded"  # measured before the script logged stage times
     took = row["compression_seconds"]
-    if "palettize" not in took:
+    if not took:
         return "cached"
-    return " + ".join(f"{took[s]:.0f}" for s in ("prune", "calibrate", "palettize") if s in took)
+    return " + ".join(f"{took[s]:.0f}" for s in COMPRESSING_STAGES if s in took)
 
 
 def markdown(rows: list[dict], float_row: dict) -> str:
@@ -97,16 +156,22 @@ def markdown(rows: list[dict], float_row: dict) -> str:
              f"| float16 (no compression) | {float_row['bytes'] / 1e6:.2f} | 1.000 | {float_row['spearman']:.2f} "
              "| 1.0000 | 1.0000 | | | |"]
     for row in rows:
+        if "timed_out" in row:
+            lines.append(f"| `{row['name']}`: {row['description']} | timed out after {row['timed_out']} s "
+                         "| | | | | | | |")
+            continue
         m = row["metrics"]
+        meets = m.get("meets_target", m["spearman_drop"] <= 0.5 and m["mean_cosine"] >= 0.97)
         lines.append(f"| `{row['name']}`: {row['description']} | {m['package_bytes'] / 1e6:.2f} | {m['size_ratio']:.3f} "
                      f"| {m['sts_spearman']:.2f} | {m['mean_cosine']:.4f} | {m['min_cosine']:.4f} "
-                     f"| {'yes' if m['meets_target'] else 'no'} | {compression_time(row)} | {row['seconds']:.0f} |")
+                     f"| {'yes' if meets else 'no'} | {compression_time(row)} | {row['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> None:
+def update_readme(table: str, set_name: str) -> None:
     text = README.read_text(encoding="utf-8")
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    markers = (f"<!-- {set_name}:start -->", f"<!-- {set_name}:end -->")
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
     README.write_text(text[:start] + "\n" + table + text[end:], encoding="utf-8")
 
 
@@ -114,25 +179,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="recipes to run (default: all)")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from stored results")
+    parser.add_argument("--set", default="recipes", choices=sorted(SETS), help="which list of recipes")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one recipe may take")
     args = parser.parse_args(argv)
-    descriptions = {name: text for name, _, text in RECIPES}
-    chosen = [(n, o) for n, o, _ in RECIPES if not args.names or n in args.names]
+    recipes = SETS[args.set]
+    descriptions = {name: text for name, _, text in recipes}
+    chosen = [(n, o) for n, o, _ in recipes if not args.names or n in args.names]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    store = RESULTS / "recipes.json"
+    store = RESULTS / f"{args.set}.json"
     previous = {row["name"]: row for row in json.loads(store.read_text())} if store.is_file() else {}
     for name, overrides in [] if args.table else chosen:
         print(f"running {name}: {' '.join(overrides) or '(default config)'}", flush=True)
-        row = run_recipe(name, overrides)
+        row = run_recipe(name, overrides, args.timeout)
         row["description"] = descriptions[name]
         previous[name] = row
-        print(f"  {row['metrics']['package_bytes']} bytes, STS-B {row['metrics']['sts_spearman']}, "
-              f"cosine {row['metrics']['mean_cosine']}, {row['seconds']} s, ran {row['stages_run']}", flush=True)
+        if "timed_out" in row:
+            print(f"  timed out after {row['timed_out']} s", flush=True)
+        else:
+            print(f"  {row['metrics']['package_bytes']} bytes, STS-B {row['metrics']['sts_spearman']}, "
+                  f"cosine {row['metrics']['mean_cosine']}, {row['seconds']} s, ran {row['stages_run']}", flush=True)
         store.write_text(json.dumps(list(previous.values()), indent=2) + "\n")
-    rows = [{**previous[n], "description": descriptions[n]} for n, _, _ in RECIPES if n in previous]
+    rows = [{**previous[n], "description": descriptions[n]} for n, _, _ in recipes if n in previous]
     baseline = json.loads((ROOT / "artifacts/baseline/report.json").read_text())
     table = markdown(rows, {"bytes": baseline["package_bytes"], "spearman": baseline["spearman"]})
-    (RESULTS / "recipes.md").write_text(table, encoding="utf-8")
-    update_readme(table)
+    (RESULTS / f"{args.set}.md").write_text(table, encoding="utf-8")
+    update_readme(table, args.set)
     print(table)
 
 

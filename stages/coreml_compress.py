@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for the Core ML-side .mlpackage")
     parser.add_argument("--metrics", required=True, help="DVC metrics (.json)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "prune", "palettize", "quantize", "coreml", "evaluate"), args.params)
+    params = config.load(("model", "data", "coreml", "evaluate"), args.params)
     cfg: CoremlConfig = params["coreml"]
     log = runtime.setup("coreml_compress")
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         runtime.write_json({"enabled": False}, args.metrics)
         log.info("coreml.enabled is false; nothing to do")
         return
-    steps, notes = plan(params["prune"], params["palettize"], params["quantize"], cfg)
+    steps, notes = plan(cfg.prune, cfg.palettize, cfg.quantize, cfg)
     if not steps:
         raise ValueError("coreml.enabled: the recipe compresses nothing (prune, palettize and quantize are all none)")
     start = time.perf_counter()

@@ -4,11 +4,12 @@ Fine-tunes on the STS-B train split with the cosine-similarity loss
 all-MiniLM was trained with, while compressing:
 
 - dkm: coremltools' DKMPalettizer (differentiable k-means) learns look-up
-  tables with the palettize section's n_bits, granularity and group size. The
+  tables with the palettize section's n_bits, granularity and group size
+  (finetune.palettize, a copy Hydra makes). The
   palettize stage (method kmeans) then stores them; every group already holds
   at most 2**n_bits values, so its exact 1-D k-means finds those tables again.
 - qat: quantization-aware training of the weights against the quantize
-  section's dtype, scheme and granularity; the quantize stage stores the result.
+  section's dtype, scheme and granularity (finetune.quantize, a copy); the quantize stage stores the result.
   coremltools' LinearQuantizer needs torch.fx, which cannot trace transformers'
   BertModel ("slice indices must be integers"), so the weights are fake-quantized
   here with a straight-through estimator instead (torch parametrization).
@@ -33,7 +34,7 @@ from torch.nn.utils import parametrize
 from stages import config, runtime
 from stages.data import load_pairs
 from stages.model import COREML_PREFIX, PALETTIZATION, compression_types, load_tokenizer, load_weights, pool, save_weights
-from stages.schema import FinetuneConfig, PalettizeConfig, QuantizeConfig
+from stages.schema import FinetuneConfig, QuantizeConfig
 
 
 def batches(pairs, tokenizer, max_length: int, batch_size: int, steps: int, seed: int):
@@ -87,8 +88,9 @@ class FakeQuantize(torch.nn.Module):
         return blocks.add((quantized - blocks).detach()).reshape(weight.shape)
 
 
-def prepare(model: torch.nn.Module, cfg: FinetuneConfig, palettize: PalettizeConfig, quantize: QuantizeConfig):
+def prepare(model: torch.nn.Module, cfg: FinetuneConfig):
     """Returns (model to train, coremltools compressor or None)."""
+    palettize, quantize = cfg.palettize, cfg.quantize
     if cfg.method == "dkm":
         from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig
 
@@ -138,11 +140,10 @@ def finish(model: torch.nn.Module, cfg: FinetuneConfig, compressor) -> torch.nn.
     return model
 
 
-def train(model: torch.nn.Module, cfg: FinetuneConfig, palettize: PalettizeConfig, quantize: QuantizeConfig,
-          data, log) -> torch.nn.Module:
+def train(model: torch.nn.Module, cfg: FinetuneConfig, data, log) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model.train()
-    model, compressor = prepare(model, cfg, palettize, quantize)
+    model, compressor = prepare(model, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
     recent: list[float] = []
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", required=True, help="pruned weights from the prune stage")
     parser.add_argument("--out", required=True, help="fine-tuned weights (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "finetune", "palettize", "quantize"), args.params)
+    params = config.load(("model", "data", "finetune"), args.params)
     cfg: FinetuneConfig = params["finetune"]
     log = runtime.setup("finetune", cfg.seed)
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     data = batches(pairs, load_tokenizer(model_cfg), model_cfg.max_length, cfg.batch_size, cfg.steps, cfg.seed)
     model = load_weights(model_cfg, args.weights)
     with runtime.timed(log, f"finetune method={cfg.method} {cfg.steps} steps of {cfg.batch_size} pairs"):
-        model = train(model, cfg, params["palettize"], params["quantize"], data, log)
+        model = train(model, cfg, data, log)
     save_weights(model, out)
     log.info("wrote %s", out)
 

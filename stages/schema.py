@@ -136,36 +136,6 @@ class PruneConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """Compression while fine-tuning on the STS-B train split (cosine-similarity loss).
-
-    dkm: DKMPalettizer learns look-up tables with palettize's n_bits/granularity/group_size;
-    palettize.method=kmeans then stores them (exactly: each group already has at most
-    2**n_bits values). qat: quantization-aware training against quantize's dtype and
-    granularity; the quantize stage then stores the trained weights. gradual_prune:
-    MagnitudePruner raising sparsity to target_sparsity along a polynomial schedule.
-    """
-
-    method: str = "none"
-    steps: int = 200
-    batch_size: int = 16
-    learning_rate: float = 2.0e-5
-    # gradual_prune only.
-    target_sparsity: float = 0.5
-    seed: int = 0
-    # Log the loss every this many steps.
-    log_every: int = 20
-
-    def check(self, prefix: str = "finetune") -> None:
-        _check_choice(f"{prefix}.method", self.method, FINETUNE_METHODS)
-        for key in ("steps", "batch_size", "log_every"):
-            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
-        if not 0 < self.learning_rate < 1:
-            fail(f"{prefix}.learning_rate", self.learning_rate, "allowed: a number in (0, 1)")
-        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
-
-
-@dataclass
 class CalibrateConfig:
     # Sentence pairs from the calibration split; each is one backward pass, so the
     # sensitivity is a sum of per-sample squared gradients (empirical Fisher).
@@ -275,18 +245,72 @@ class QuantizeConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Compression while fine-tuning on the STS-B train split (cosine-similarity loss).
+
+    dkm: DKMPalettizer learns look-up tables with palettize's n_bits/granularity/group_size;
+    palettize.method=kmeans then stores them (exactly: each group already has at most
+    2**n_bits values). qat: quantization-aware training against quantize's dtype and
+    granularity; the quantize stage then stores the trained weights. gradual_prune:
+    MagnitudePruner raising sparsity to target_sparsity along a polynomial schedule.
+
+    The target is a copy of the palettize (dkm) or quantize (qat) section, made by Hydra
+    interpolation in conf/finetune/, so that DVC reruns this stage when it changes
+    and not when a setting it does not use changes.
+    """
+
+    method: str = "none"
+    steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 2.0e-5
+    # gradual_prune only.
+    target_sparsity: float = 0.5
+    seed: int = 0
+    # Log the loss every this many steps.
+    log_every: int = 20
+    palettize: Optional[PalettizeConfig] = None
+    quantize: Optional[QuantizeConfig] = None
+
+    def check(self, prefix: str = "finetune") -> None:
+        _check_choice(f"{prefix}.method", self.method, FINETUNE_METHODS)
+        for key in ("steps", "batch_size", "log_every"):
+            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
+        if not 0 < self.learning_rate < 1:
+            fail(f"{prefix}.learning_rate", self.learning_rate, "allowed: a number in (0, 1)")
+        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
+        if self.palettize is not None:
+            self.palettize.check(f"{prefix}.palettize")
+        if self.quantize is not None:
+            self.quantize.check(f"{prefix}.quantize")
+
+
+@dataclass
 class CoremlConfig:
     """The Core ML-side path: the same recipe applied by coremltools.optimize.coreml
-    to the float16 package (data-free), scored beside the torch-side result."""
+    to the float16 package (data-free), scored beside the torch-side result.
+
+    prune, palettize and quantize are copies of those sections, made by Hydra
+    interpolation in conf/coreml/compare.yaml, so that DVC reruns this stage
+    only when it is on and its recipe changed."""
 
     enabled: bool = False
     # Weights with fewer elements stay float16 (coremltools' weight_threshold);
     # 0 compresses every linear and embedding weight, as the torch side does.
     weight_threshold: int = 0
+    prune: Optional[PruneConfig] = None
+    palettize: Optional[PalettizeConfig] = None
+    quantize: Optional[QuantizeConfig] = None
 
     def check(self, prefix: str = "coreml") -> None:
         if self.weight_threshold < 0:
             fail(f"{prefix}.weight_threshold", self.weight_threshold, "allowed: an integer >= 0")
+        recipe = (self.prune, self.palettize, self.quantize)
+        if self.enabled and any(section is None for section in recipe):
+            fail(f"{prefix}.enabled", True, "needs coreml.prune, coreml.palettize and coreml.quantize "
+                 "(conf/coreml/compare.yaml copies them)")
+        for key, section in zip(("prune", "palettize", "quantize"), recipe):
+            if section is not None:
+                section.check(f"{prefix}.{key}")
 
 
 @dataclass
@@ -320,7 +344,8 @@ class EvaluateConfig:
 
 
 # Nested dataclasses, by the annotation string their field carries.
-SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig}
+SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig, "Optional[PruneConfig]": PruneConfig,
+                                 "Optional[PalettizeConfig]": PalettizeConfig, "Optional[QuantizeConfig]": QuantizeConfig}
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -393,8 +418,20 @@ def check_combination(sections: dict[str, Any]) -> None:
     if method == "qat" and quantize is not None and quantize.method != "linear":
         fail("finetune.method", method, f"needs quantize.method=linear to store the trained weights "
              f"(got {quantize.method})")
+    for key, own in (("palettize", palettize), ("quantize", quantize)):
+        target = getattr(finetune, key, None) if finetune is not None else None
+        if (method, key) in (("dkm", "palettize"), ("qat", "quantize")) and own is not None and target != own:
+            fail(f"finetune.{key}", "(differs)", f"finetune.method={method} trains against the {key} section; "
+                 f"finetune.{key} must equal it (conf/finetune/{method}.yaml interpolates ${{{key}}})")
     if method == "gradual_prune" and prune is not None and prune.method != "none":
         fail("finetune.method", method, f"prunes while training; set prune.method=none (got {prune.method})")
+    coreml = sections.get("coreml")
+    if coreml is not None and coreml.enabled:
+        for key in ("prune", "palettize", "quantize"):
+            own = sections.get(key)
+            if own is not None and getattr(coreml, key) != own:
+                fail(f"coreml.{key}", "(differs)", f"the Core ML side applies the same recipe; coreml.{key} must "
+                     f"equal the {key} section (conf/coreml/compare.yaml interpolates ${{{key}}})")
     pruned = (prune is not None and prune.method != "none") or method == "gradual_prune"
     source = f"prune.method={prune.method}" if prune is not None and prune.method != "none" else f"finetune.method={method}"
     if palettize is not None and quantize is not None and palettize.method != "none" and quantize.method != "none":

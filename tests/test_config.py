@@ -160,8 +160,11 @@ BAD_COMBINATIONS = [
     ({"finetune.method": "gradual_prune", "palettize.method": "uniform"},
      "palettize.method='uniform' is not allowed; with finetune.method=gradual_prune"),
     ({"finetune.steps": 0}, "finetune.steps=0 is not allowed; allowed: a positive integer"),
+    ({"finetune.method": "dkm", "palettize.method": "kmeans", "finetune.palettize": None},
+     "finetune.palettize='(differs)' is not allowed; finetune.method=dkm trains against the palettize section"),
     ({"finetune.learning_rate": 3.0}, "finetune.learning_rate=3.0 is not allowed; allowed: a number in (0, 1)"),
     ({"coreml.weight_threshold": -1}, "coreml.weight_threshold=-1 is not allowed"),
+    ({"coreml.enabled": True}, "coreml.enabled=True is not allowed; needs coreml.prune, coreml.palettize"),
     ({"data.train_file": "nope.csv"}, "data.train_file='nope.csv' is not allowed; allowed: a file that exists"),
 ]
 

@@ -8,10 +8,11 @@ import re
 
 import yaml
 
-from conftest import run
+from conftest import make_project_copy, run
 from stages.convert import load_program
 
-STAGES = ("validate", "prune", "calibrate", "palettize", "convert", "baseline", "evaluate")
+STAGES = ("validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
+          "coreml_compress", "evaluate")
 
 
 def stages_run(output: str) -> set[str]:
@@ -66,10 +67,10 @@ def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(project
     status = run(["dvc", "status", "--json"], project)
     assert json.loads(status.stdout) == {}
 
-    # A downstream-only change: prune, calibrate and the baseline are skipped.
+    # A downstream-only change: prune, finetune, calibrate, the baseline and the (off) Core ML side are skipped.
     set_param(project, "palettize.group_size", 64)
     second = run(["dvc", "repro"], project)
-    assert stages_run(second.stdout + second.stderr) == {"validate", "palettize", "convert", "evaluate"}
+    assert stages_run(second.stdout + second.stderr) == {"validate", "palettize", "quantize", "convert", "evaluate"}
     layers = (project / "metrics/layers.csv").read_text()
     assert "encoder.layer.0.intermediate.dense,1536x384,pruning+palettization" in layers
 
@@ -95,3 +96,29 @@ def test_sweep_override_through_dvc_experiments_composes_params(project):
     assert bad.returncode != 0
     assert "config error: palettize.n_bits=5 is not allowed" in bad.stdout + bad.stderr
     assert stages_run(bad.stdout + bad.stderr) == {"validate"}
+
+
+def test_training_time_quantization_and_the_core_ml_side_end_to_end(tmp_path):
+    """QAT (finetune) -> int4 per-block quantize -> convert, and the same recipe on the Core ML side."""
+    project = make_project_copy(tmp_path / "project", [
+        "model.max_length=32", "convert.seq_len=32", "data.eval_max_pairs=48", "calibrate.num_samples=2",
+        "finetune=qat", "finetune.steps=3", "finetune.batch_size=4", "finetune.log_every=1",
+        "palettize=none", "quantize=int4_block", "coreml=compare"])
+    first = run(["dvc", "repro"], project)
+    output = first.stdout + first.stderr
+    assert stages_run(output) == set(STAGES)
+    assert "finetune qat step 3/3 loss" in output
+
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert metrics["readback_max_abs_diff"] <= 2 ** -24
+    assert 0.2 < metrics["size_ratio"] < 0.4  # 4-bit weights plus one float16 scale per 32
+    layers = (project / "metrics/layers.csv").read_text()
+    assert "encoder.layer.3.attention.self.query,384x384,quantization,constexpr_blockwise_shift_scale,4," in layers
+    assert "embeddings.word_embeddings,30522x384,quantization,constexpr_blockwise_shift_scale,4," in layers
+
+    coreml = json.loads((project / "metrics/coreml.json").read_text())
+    assert coreml["enabled"] and coreml["steps"] == ["quantize"] and coreml["num_pairs"] == 48
+    assert coreml["weights_decoded"] >= 36 + 1 and 0.2 < coreml["size_ratio"] < 0.4
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert {"metrics/evaluate.json", "metrics/coreml.json"} <= set(files)
