@@ -26,6 +26,7 @@ import torch
 from stages import config, runtime
 from stages import provenance as provenance_lib
 from stages.model import COREML_PREFIX, SentenceEncoder, load_weights, resolve_source
+from stages.precision import bounded_index_search
 from stages.schema import ConvertConfig, ModelConfig
 
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -42,16 +43,17 @@ def to_mlmodel(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig
     example = tuple(torch.ones(shape, dtype=torch.int32) for _ in INPUT_NAMES)
     with torch.no_grad():
         traced = torch.jit.trace(encoder, example)
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=name, shape=shape, dtype=np.int32) for name in INPUT_NAMES],
-        outputs=[ct.TensorType(name=OUTPUT_NAME)],
-        convert_to="mlprogram",
-        # Without a target (iOS15) compression is dropped silently; before iOS18
-        # grouped look-up tables and joint compression are not supported.
-        minimum_deployment_target=getattr(ct.target, cfg.minimum_deployment_target),
-        compute_precision=ct.precision.FLOAT16,
-    )
+    with bounded_index_search():  # an 8-bit palettized embedding would otherwise need tens of GB
+        return ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=name, shape=shape, dtype=np.int32) for name in INPUT_NAMES],
+            outputs=[ct.TensorType(name=OUTPUT_NAME)],
+            convert_to="mlprogram",
+            # Without a target (iOS15) compression is dropped silently; before iOS18
+            # grouped look-up tables and joint compression are not supported.
+            minimum_deployment_target=getattr(ct.target, cfg.minimum_deployment_target),
+            compute_precision=ct.precision.FLOAT16,
+        )
 
 
 def save_package(mlmodel, path: str | Path, provenance: dict[str, str] | None = None) -> None:

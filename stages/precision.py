@@ -13,12 +13,63 @@ float16 subnormals) and evaluate scores the shipped weights.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
 from stages.model import COREML_PREFIX, PALETTIZATION, PRUNING, QUANTIZATION, compressible_weights, compression_types
 
 FLOAT16_EPS = float(np.finfo(np.float16).eps)
+# Elements of the (rows x look-up entries) distance array find_indices_for_lut may build at once.
+INDEX_SEARCH_ELEMENTS = 1 << 24
+
+
+def find_indices_for_lut(data: np.ndarray, lut: np.ndarray, vector_axis: int | None = None) -> np.ndarray:
+    """coremltools' ``optimize._utils.find_indices_for_lut``, a block of rows at a time.
+
+    The original compares every weight with every look-up entry at once: for an
+    8-bit palettized word embedding (30522 x 384 x 256) that is tens of GB, and
+    conversion was killed at 24 GB. The nearest entry of each weight does not
+    depend on the others, so row blocks (aligned to the tables' row groups) give
+    the same indices in bounded memory. Vector tables go to the original.
+    """
+    original = _coremltools_index_search()
+    if lut.shape[-1] > 1 or data.ndim == 0 or data.shape[0] % lut.shape[0]:
+        return original(data, lut, vector_axis)
+    rows_per_table = data.shape[0] // lut.shape[0]
+    per_row = max(1, data[0].size * lut.shape[-2])
+    step = max(1, INDEX_SEARCH_ELEMENTS // per_row // rows_per_table) * rows_per_table
+    if step >= data.shape[0]:
+        return original(data, lut, vector_axis)
+    parts = [original(data[start:start + step], lut[start // rows_per_table:(start + step) // rows_per_table],
+                      vector_axis) for start in range(0, data.shape[0], step)]
+    return np.concatenate(parts)
+
+
+_SAVED: list = []  # coremltools' own find_indices_for_lut, kept before it is patched
+
+
+def _coremltools_index_search():
+    from coremltools.optimize import _utils
+
+    if not _SAVED:
+        _SAVED.append(_utils.find_indices_for_lut)
+    return _SAVED[0]
+
+
+@contextmanager
+def bounded_index_search():
+    """Make the converter (which calls coremltools.optimize._utils.find_indices_for_lut
+    for every palettized weight) use the row-block search while the block runs."""
+    from coremltools.optimize import _utils
+
+    original = _coremltools_index_search()
+    _utils.find_indices_for_lut = find_indices_for_lut
+    try:
+        yield
+    finally:
+        _utils.find_indices_for_lut = original
 
 
 def _meta(module: torch.nn.Module, key: str) -> torch.Tensor | None:
@@ -65,7 +116,7 @@ def _requantize(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 def match_package_precision(model: torch.nn.Module) -> int:
     """Round every scale to float16 and rebuild the weights from it. Returns how
     many weights changed representation."""
-    from coremltools.optimize import _utils as optimize_utils  # the converter's own index search
+    from coremltools.optimize import _utils as optimize_utils  # the converter's own table decoding
 
     changed = 0
     for _, module in compressible_weights(model):
@@ -84,7 +135,7 @@ def match_package_precision(model: torch.nn.Module) -> int:
                 plain = weight if full_channel_scale is None else weight / full_channel_scale
                 lut_np = lut.numpy()
                 lut_np = lut_np[..., None] if lut_np.ndim == weight.ndim + 1 else lut_np
-                indices = optimize_utils.find_indices_for_lut(plain.numpy(), lut_np, vector_axis)
+                indices = find_indices_for_lut(plain.numpy(), lut_np, vector_axis)
                 if scale is not None:  # a quantized look-up table
                     lut.copy_(_requantize(lut, scale.reshape(scale.shape[:lut.ndim]), zero_point if zero_point is None
                                           else zero_point.reshape(zero_point.shape[:lut.ndim])))

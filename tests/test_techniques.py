@@ -88,3 +88,22 @@ def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, ti
     if prune_cfg is not None:
         assert all(float((m.weight == 0).float().mean()) >= 0.3 for _, m in compressible_weights(model)
                    if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("lut_shape", [(1, 1, 16, 1), (8, 1, 4, 1), (1, 4, 16, 1)])
+def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
+    import numpy as np
+    from coremltools.optimize import _utils
+
+    from stages import precision
+
+    generator = np.random.default_rng(0)
+    data = generator.normal(size=(64, 32)).astype(np.float32)
+    lut = np.sort(generator.normal(size=lut_shape).astype(np.float32), axis=-2)
+    monkeypatch.setattr(precision, "INDEX_SEARCH_ELEMENTS", 200)  # force many row blocks
+    expected = _utils.find_indices_for_lut(data, lut)
+    np.testing.assert_array_equal(precision.find_indices_for_lut(data, lut), expected)
+    with precision.bounded_index_search():
+        assert _utils.find_indices_for_lut is precision.find_indices_for_lut
+        np.testing.assert_array_equal(_utils.find_indices_for_lut(data, lut), expected)
+    assert _utils.find_indices_for_lut is not precision.find_indices_for_lut
