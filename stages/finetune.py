@@ -32,8 +32,10 @@ import torch
 from torch.nn.utils import parametrize
 
 from stages import config, runtime
+from stages.calibrate import cosine_loss
 from stages.data import load_pairs
-from stages.model import COREML_PREFIX, PALETTIZATION, compression_types, load_tokenizer, load_weights, pool, save_weights
+from stages.model import (COREML_PREFIX, PALETTIZATION, compression_types, load_tokenizer, load_weights,
+                          save_weights, tokenize)
 from stages.schema import FinetuneConfig, QuantizeConfig
 
 
@@ -47,18 +49,9 @@ def batches(pairs, tokenizer, max_length: int, batch_size: int, steps: int, seed
             rng.shuffle(epoch)
             order += epoch
         chosen, order = order[:batch_size], order[batch_size:]
-        encode = lambda texts: tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        yield {"a": encode([pairs.sentence1[i] for i in chosen]), "b": encode([pairs.sentence2[i] for i in chosen]),
+        yield {"a": tokenize(tokenizer, [pairs.sentence1[i] for i in chosen], max_length),
+               "b": tokenize(tokenizer, [pairs.sentence2[i] for i in chosen], max_length),
                "label": torch.tensor([pairs.scores[i] / 5.0 for i in chosen])}
-
-
-def cosine_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    def embed(tokens):
-        hidden = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-        return pool(hidden, tokens["attention_mask"])
-
-    cosine = torch.nn.functional.cosine_similarity(embed(batch["a"]), embed(batch["b"]), dim=-1)
-    return torch.nn.functional.mse_loss(cosine, batch["label"])
 
 
 class FakeQuantize(torch.nn.Module):
@@ -148,7 +141,7 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, data, log) -> torch.nn.Mo
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
     recent: list[float] = []
     for step, batch in enumerate(data, start=1):
-        loss = cosine_loss(model, batch)
+        loss = cosine_loss(model, batch) / len(batch["label"])  # the calibrate stage's loss, averaged
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
