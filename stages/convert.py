@@ -232,8 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     log = runtime.setup("convert")
 
     data_cfg = params["data"]
-    calibration = [Path(data_cfg.dir) / data_cfg.calibration_file]
-    provenance = provenance_lib.collect(params, calibration, resolve_source(params["model"].source))
+    # The data that shaped the weights: calibration sentences, and the training pairs when fine-tuned.
+    data_files = [Path(data_cfg.dir) / data_cfg.calibration_file]
+    if params["finetune"].method != "none":
+        data_files.append(Path(data_cfg.dir) / data_cfg.train_file)
+    provenance = provenance_lib.collect(params, data_files, resolve_source(params["model"].source))
     bert = load_weights(params["model"], args.weights)
     report = convert_and_check(bert, params["model"], params["convert"], Path(args.out), log, provenance)
     runtime.write_json(report, args.report)
