@@ -37,12 +37,14 @@ def find_indices_for_lut(data: np.ndarray, lut: np.ndarray, vector_axis: int | N
     original = _coremltools_index_search()
     if lut.shape[-1] > 1 or data.ndim == 0 or data.shape[0] % lut.shape[0]:
         return original(data, lut, vector_axis)
-    rows_per_table = data.shape[0] // lut.shape[0]
+    # Blocks of whole table rows: any rows when one table spans axis 0, else multiples of its row group.
+    shared = lut.shape[0] == 1
+    unit = 1 if shared else data.shape[0] // lut.shape[0]
     per_row = max(1, data[0].size * lut.shape[-2])
-    step = max(1, INDEX_SEARCH_ELEMENTS // per_row // rows_per_table) * rows_per_table
+    step = max(1, INDEX_SEARCH_ELEMENTS // per_row // unit) * unit
     if step >= data.shape[0]:
         return original(data, lut, vector_axis)
-    parts = [original(data[start:start + step], lut[start // rows_per_table:(start + step) // rows_per_table],
+    parts = [original(data[start:start + step], lut if shared else lut[start // unit:(start + step) // unit],
                       vector_axis) for start in range(0, data.shape[0], step)]
     return np.concatenate(parts)
 

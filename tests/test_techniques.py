@@ -100,9 +100,13 @@ def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
     generator = np.random.default_rng(0)
     data = generator.normal(size=(64, 32)).astype(np.float32)
     lut = np.sort(generator.normal(size=lut_shape).astype(np.float32), axis=-2)
-    monkeypatch.setattr(precision, "INDEX_SEARCH_ELEMENTS", 200)  # force many row blocks
+    monkeypatch.setattr(precision, "INDEX_SEARCH_ELEMENTS", 2000)  # force many row blocks
     expected = _utils.find_indices_for_lut(data, lut)
+    calls = []
+    original = precision._coremltools_index_search()
+    monkeypatch.setattr(precision, "_SAVED", [lambda *args: calls.append(1) or original(*args)])
     np.testing.assert_array_equal(precision.find_indices_for_lut(data, lut), expected)
+    assert len(calls) >= 8
     with precision.bounded_index_search():
         assert _utils.find_indices_for_lut is precision.find_indices_for_lut
         np.testing.assert_array_equal(_utils.find_indices_for_lut(data, lut), expected)
