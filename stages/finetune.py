@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -166,9 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     log = runtime.setup("finetune", cfg.seed)
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.method == "none":
-        shutil.copyfile(args.weights, out)
+        runtime.pass_through(args.weights, out)
         log.info("finetune.method is none: %s passes through", args.weights)
         return
     model_cfg = params["model"]

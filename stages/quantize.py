@@ -119,15 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg: QuantizeConfig = params["quantize"]
     log = runtime.setup("quantize")
 
+    if cfg.method == "none":
+        runtime.pass_through(args.weights, args.out)
+        log.info("quantize.method is none: %s passes through", args.weights)
+        return
     model = load_weights(params["model"], args.weights)
-    if cfg.method != "none":
-        samples = None
-        if cfg.method == "gptq":
-            from stages.prune import calibration_inputs
+    samples = None
+    if cfg.method == "gptq":
+        from stages.prune import calibration_inputs
 
-            samples = calibration_inputs(params["model"], params["data"], cfg.num_samples, seed=0)
-        with runtime.timed(log, f"quantize method={cfg.method} {cfg.dtype} {cfg.scheme} {cfg.granularity}"):
-            model = run(model, cfg, samples, log)
+        samples = calibration_inputs(params["model"], params["data"], cfg.num_samples, seed=0)
+    with runtime.timed(log, f"quantize method={cfg.method} {cfg.dtype} {cfg.scheme} {cfg.granularity}"):
+        model = run(model, cfg, samples, log)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)
 

@@ -73,3 +73,16 @@ def partial_path(path: Path) -> Path:
     interrupted stage never leaves a half-written file under the real name
     (coremltools insists that the name still ends in .mlpackage)."""
     return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def pass_through(source: str | Path, target: str | Path) -> None:
+    """A disabled optional stage's output: the input, byte for byte, moved into
+    place only when complete (so DVC's cache serves everything downstream)."""
+    import os
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(target)
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)

@@ -232,7 +232,7 @@ class QuantizeConfig:
         if self.granularity == "per_block":
             _check_positive_int(f"{prefix}.block_size", self.block_size)
         elif self.block_size is not None:
-            fail(f"{prefix}.block_size", self.block_size, f"allowed: null unless granularity=per_block")
+            fail(f"{prefix}.block_size", self.block_size, "allowed: null unless granularity=per_block")
         _check_positive_int(f"{prefix}.num_samples", self.num_samples)
         if self.method == "gptq" and not self.dtype.startswith("u"):
             fail(f"{prefix}.dtype", self.dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
