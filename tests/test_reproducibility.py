@@ -51,7 +51,8 @@ def test_package_carries_its_provenance(built):
     result = json.loads(audit(project, project / PACKAGE, "--json").stdout)
     record = result["provenance"]
     assert record["git_commit"] == code_commit and record["git_dirty"] == "false"
-    assert set(record["config"]) == {"model", "data", "prune", "calibrate", "palettize", "convert"}
+    assert set(record["config"]) == {"model", "data", "prune", "finetune", "calibrate", "palettize", "quantize",
+                                     "convert"}
     assert record["config"]["palettize"]["n_bits"] == 2 and record["config"]["prune"]["method"] == "sparse_gpt"
     assert set(record["versions"]) == {"coremltools", "torch", "transformers", "python"}
     assert list(record["data_sha256"]) == ["data/stsb/sts-dev.csv"]
