@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -96,8 +97,18 @@ def metrics_file(name: str) -> str:
 
 def dvc(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TQDM_DISABLE": "1"}
-    return subprocess.run(["dvc", *args], cwd=ROOT, env=env, check=check, capture_output=True, text=True,
-                          timeout=timeout)
+    # Own process group: on a timeout the stage processes DVC started are stopped too.
+    with subprocess.Popen(["dvc", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    if check and process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args, stdout, stderr)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def experiment_metrics(name: str) -> dict:
