@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from stages import config, runtime
 from stages.model import PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights, save_weights
-from stages.precision import match_package_precision, snap_like_converter
+from stages.precision import round_like_package
 from stages.schema import PalettizeConfig, TensorPaletteConfig
 
 
@@ -201,10 +201,7 @@ def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, tor
     repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
     if repalettized:
         log.info("re-palettized %d pruned weights with zero as a fixed look-up entry", repalettized)
-    snap_like_converter(model)
-    rounded = match_package_precision(model)
-    if rounded:
-        log.info("rounded the scales of %d weights to float16, as the package stores them", rounded)
+    round_like_package(model, log)
     kept, total = zeros_kept(before, model)
     if total:
         log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)

@@ -155,3 +155,11 @@ def match_package_precision(model: torch.nn.Module) -> int:
                 continue
         changed += 1
     return changed
+
+
+def round_like_package(model: torch.nn.Module, log) -> None:
+    """Both steps above, as the palettize and quantize stages end."""
+    snap_like_converter(model)
+    rounded = match_package_precision(model)
+    if rounded:
+        log.info("rounded the scales of %d weights to float16, as the package stores them", rounded)

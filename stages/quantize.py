@@ -20,7 +20,7 @@ import torch
 
 from stages import config, runtime
 from stages.model import load_weights, save_weights
-from stages.precision import expand_blocks, match_package_precision, snap_like_converter
+from stages.precision import expand_blocks, round_like_package
 from stages.schema import QuantizeConfig
 
 SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
@@ -103,9 +103,7 @@ def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor]
     if cfg.method == "none":
         return model
     model = quantize(model, cfg, samples)
-    snap_like_converter(model)
-    (log or runtime.log).info("rounded the scales of %d weights to float16, as the package stores them",
-                              match_package_precision(model))
+    round_like_package(model, log or runtime.log)
     return model
 
 

@@ -137,7 +137,7 @@ def test_sparse_gpt_zeros_survive_palettization(tiny_bert, method):
 
 
 def test_pruned_weights_drop_what_the_converter_drops(tiny_bert):
-    from stages.palettize import snap_like_converter
+    from stages.precision import snap_like_converter
 
     model = prune(tiny_bert(), PruneConfig(method="magnitude", target_sparsity=0.3))
     dense = model.get_submodule("encoder.layer.0.intermediate.dense")
