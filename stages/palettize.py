@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from stages import config, runtime
-from stages.model import PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights, save_weights
+from stages.model import (PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights,
+                          save_weights, warn_lost_rows)
 from stages.precision import round_like_package
 from stages.schema import PalettizeConfig, TensorPaletteConfig
 
@@ -202,6 +203,7 @@ def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, tor
     if repalettized:
         log.info("re-palettized %d pruned weights with zero as a fixed look-up entry", repalettized)
     round_like_package(model, log)
+    warn_lost_rows(before, model, log)
     kept, total = zeros_kept(before, model)
     if total:
         log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from stages import config, runtime
-from stages.model import load_weights, save_weights
+from stages.model import compressible_weights, load_weights, save_weights, warn_lost_rows
 from stages.precision import expand_blocks, round_like_package
 from stages.schema import QuantizeConfig
 
@@ -102,8 +102,11 @@ def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor]
     """The whole stage on a model in memory: quantize, then round to what the package stores."""
     if cfg.method == "none":
         return model
+    log = log or runtime.log
+    before = {f"{name}.weight": module.weight.detach().clone() for name, module in compressible_weights(model)}
     model = quantize(model, cfg, samples)
-    round_like_package(model, log or runtime.log)
+    round_like_package(model, log)
+    warn_lost_rows(before, model, log)
     return model
 
 

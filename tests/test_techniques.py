@@ -8,6 +8,8 @@ exactly the torch weights (read back from the package on its own).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -111,3 +113,30 @@ def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
         assert _utils.find_indices_for_lut is precision.find_indices_for_lut
         np.testing.assert_array_equal(_utils.find_indices_for_lut(data, lut), expected)
     assert _utils.find_indices_for_lut is not precision.find_indices_for_lut
+
+
+def test_outlier_row_lost_under_per_channel_scale_is_named(caplog):
+    """MiniLM's FFN output has a row (hidden feature 99) whose largest weight
+    holds 98% of its norm. Scaled by that maximum onto a table shared with
+    ordinary rows, its other weights land on the entries nearest zero, 10-20
+    times too large. The stage must name such a row; per-row tables keep it."""
+    from transformers import BertConfig, BertModel
+
+    def with_outlier():
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=4096, max_position_embeddings=16), add_pooling_layer=False)
+        with torch.no_grad():
+            row = model.encoder.layer[0].output.dense.weight[3]
+            row.mul_(0.05)  # its largest weight becomes ~150x its median, as in MiniLM
+            row[0] = 0.1
+        return model.eval()
+
+    log = logging.getLogger("test_outlier")
+    caplog.set_level("WARNING")
+    palettize.run(with_outlier(), pal(granularity="per_tensor", enable_per_channel_scale=True), log=log)
+    lost = [r.getMessage() for r in caplog.records if "encoder.layer.0.output.dense" in r.getMessage()]
+    assert lost and "rows [3]" in lost[0], lost
+    caplog.clear()
+    palettize.run(with_outlier(), pal(granularity="per_grouped_channel", group_size=1), log=log)
+    assert not [r for r in caplog.records if "rows keep less than half" in r.getMessage()]
