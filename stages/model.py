@@ -143,22 +143,3 @@ def compression_types(module: torch.nn.Module) -> list[int]:
     """The coremltools compressions applied to ``module.weight``, in order ([] for none)."""
     kinds = getattr(module, f"{COREML_PREFIX}/weight/compression_type", None)
     return [] if kinds is None else [int(k) for k in kinds.tolist()]
-
-
-def warn_lost_rows(before: dict[str, torch.Tensor], model: torch.nn.Module, log, threshold: float = 0.5) -> int:
-    """Warn about output rows whose compressed weights keep less than half their
-    content (relative error above ``threshold``). A layer's mean error hides them,
-    yet one such row can sink the model: with per-channel scales and a per-tensor
-    table, MiniLM's outlier hidden feature (row 99 of each FFN output) loses
-    almost all its weights. Returns how many rows were named."""
-    named = 0
-    for name, module in compressible_weights(model):
-        reference = before[f"{name}.weight"].float()
-        reference_norm = reference.norm(dim=1)
-        error = (module.weight.detach().float() - reference).norm(dim=1)
-        lost = torch.nonzero((error > threshold * reference_norm) & (reference_norm > 0)).flatten().tolist()
-        if lost:
-            named += len(lost)
-            log.warning("%s: %d of %d rows keep less than half their weight (relative error > %.2f): rows %s",
-                        name, len(lost), reference.shape[0], threshold, lost[:8])
-    return named

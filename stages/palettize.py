@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from stages import config, runtime
-from stages.model import (PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights,
-                          save_weights, warn_lost_rows)
-from stages.precision import round_like_package
+from stages.model import PALETTIZATION, PRUNING, compressible_weights, compression_types, load_weights, save_weights
+from stages.precision import round_like_package, warn_lost_rows
 from stages.schema import PalettizeConfig, TensorPaletteConfig
 
 

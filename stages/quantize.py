@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from stages import config, runtime
-from stages.model import compressible_weights, load_weights, save_weights, warn_lost_rows
-from stages.precision import expand_blocks, round_like_package
+from stages.model import compressible_weights, load_weights, save_weights
+from stages.precision import expand_blocks, round_like_package, warn_lost_rows
 from stages.schema import QuantizeConfig
 
 SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
