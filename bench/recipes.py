@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from stages import experiments
+
+ROOT = experiments.ROOT
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
-TORCH_SIDE, COREML_SIDE = "metrics/evaluate.json", "metrics/coreml.json"
 
 # (name, Hydra overrides, what it is): the recipes the default was chosen from
 RECIPES: list[tuple[str, list[str], str]] = [
@@ -91,61 +85,14 @@ TECHNIQUES: list[tuple[str, list[str], str]] = [
 SETS = {"recipes": RECIPES, "techniques": TECHNIQUES}
 
 
-def metrics_file(name: str) -> str:
-    return COREML_SIDE if name.startswith("coreml-") else TORCH_SIDE
-
-
-def dvc(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TQDM_DISABLE": "1"}
-    # Own process group: on a timeout the stage processes DVC started are stopped too.
-    with subprocess.Popen(["dvc", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
-    if check and process.returncode:
-        raise subprocess.CalledProcessError(process.returncode, process.args, stdout, stderr)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def experiment_metrics(name: str) -> dict:
-    """Metrics and params of one named experiment, from `dvc exp show --json`."""
-    file = metrics_file(name)
-    shown = json.loads(dvc("exp", "show", "--json", "--no-fetch").stdout)
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                if rev.get("name") == name:
-                    data = rev["data"]
-                    return {"metrics": data["metrics"][file]["data"],
-                            "params": data["params"]["params.yaml"]["data"]}
-    raise KeyError(f"experiment {name} not found in dvc exp show")
-
-
 def run_recipe(name: str, overrides: list[str], timeout: float) -> dict:
-    dvc("exp", "remove", name, check=False)
-    args = ["exp", "run", "--temp", "-n", name]
-    for override in overrides:
-        args += ["-S", override]
-    start = time.perf_counter()
-    try:
-        result = dvc(*args, check=False, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "overrides": overrides, "timed_out": round(timeout)}
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    output = result.stdout + result.stderr
-    ran = sorted(set(re.findall(r"stage=(\w+) start", output)))
-    # Compression time: what the compressing stages themselves logged; absent
-    # when DVC restored the stage from its run-cache.
-    took = {stage: float(secs) for stage, secs in re.findall(
-        r"pipeline\.(\w+) (?:prune|finetune|sensitivity|palettize|quantize|coremltools)[^\n]* took ([\d.]+) s", output)}
-    return {"name": name, "overrides": overrides, "seconds": round(seconds, 1), "stages_run": ran,
-            "compression_seconds": took, **experiment_metrics(name)}
+    row = experiments.run_experiment(name, overrides, timeout=timeout)
+    if "timed_out" in row:
+        return row
+    # Rows named coreml-* are scored by the Core ML-side stage.
+    metrics = row["coreml"] if name.startswith("coreml-") else row["metrics"]
+    return {"name": name, "overrides": overrides, "seconds": row["seconds"], "stages_run": row["stages_run"],
+            "compression_seconds": row["compression_seconds"], "metrics": metrics, "params": row["params"]}
 
 
 COMPRESSING_STAGES = ("prune", "finetune", "calibrate", "palettize", "quantize", "coreml_compress")

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", required=True, help="DVC metrics (.json)")
     parser.add_argument("--layers", required=True, help="per-layer table (.csv; a .md is written beside it)")
     parser.add_argument("--similarities", required=True, help="plot data: float vs compressed pair cosines (.csv)")
+    parser.add_argument("--tradeoff", required=True,
+                        help="plot data: one row of size and quality (.csv), for `dvc plots diff` across experiments")
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "evaluate"), args.params)
     model_cfg, cfg = params["model"], params["evaluate"]
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     reference_similarities = pair_similarities(float_embeddings, len(pairs))
     write_csv([{"float": round(float(f), 6), "compressed": round(float(c), 6), "human": s}
                for f, c, s in zip(reference_similarities, similarities, pairs.scores)], Path(args.similarities))
+    write_csv([{"size_mb": round(metrics["package_bytes"] / 1e6, 4), "sts_spearman": metrics["sts_spearman"],
+                "mean_cosine": metrics["mean_cosine"]}], Path(args.tradeoff))
     log.info("STS-B %.2f (float %.2f), mean cosine %.4f, %d bytes (%.1f%% of float16), meets target: %s",
              metrics["sts_spearman"], metrics["float_sts_spearman"], metrics["mean_cosine"],
              metrics["package_bytes"], 100 * metrics["size_ratio"], metrics["meets_target"])

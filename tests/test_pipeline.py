@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import make_project_copy, run
+from conftest import REDUCED_OVERRIDES, make_project_copy, run
+from stages import experiments, report
 from stages.convert import load_program
 
 STAGES = ("validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
@@ -34,8 +40,15 @@ def set_param(project, key: str, value) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(project):
-    first = run(["dvc", "repro"], project)
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The reduced project after one cold `dvc repro`: its run-cache holds every stage."""
+    project = make_project_copy(tmp_path_factory.mktemp("reproduced") / "project", REDUCED_OVERRIDES)
+    return project, run(["dvc", "repro"], project)
+
+
+def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reproduced):
+    project, first = reproduced
     assert stages_run(first.stdout + first.stderr) == set(STAGES)
     assert "pruned zeros kept: " in first.stderr and "(100.0%)" in first.stderr
 
@@ -122,3 +135,66 @@ def test_training_time_quantization_and_the_core_ml_side_end_to_end(tmp_path):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     files = next(iter(shown.values()))["data"]
     assert {"metrics/evaluate.json", "metrics/coreml.json"} <= set(files)
+
+
+def sweep_results(sweep_dir: Path) -> dict[str, dict]:
+    """result.json of every job of a Hydra multirun, by palettize.group_size."""
+    results = {}
+    for path in sweep_dir.glob("*/result.json"):
+        result = json.loads(path.read_text())
+        size = next(o.split("=")[1] for o in result["overrides"] if o.startswith("palettize.group_size="))
+        results[size] = result
+    return results
+
+
+def test_sweeps_through_dvc_experiments_reuse_upstream_stages(reproduced):
+    """Hydra multirun (joblib, submitit, Optuna) and `dvc exp run --queue`: every
+    point is a DVC experiment; what an earlier run made is restored, not recomputed."""
+    project, _ = reproduced  # its run-cache holds the reduced recipe with palettize.group_size=32
+    base = [o for o in REDUCED_OVERRIDES if not o.startswith("palettize.group_size=")]
+    downstream = ["evaluate", "palettize", "quantize", "convert", "validate"]
+
+    # Two jobs at once through joblib; group 16 is new, so only the stages after calibrate run.
+    grid = project / "sweeps/grid"
+    out = run([sys.executable, "-m", "stages.sweep", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+               f"hydra.sweep.dir={grid}", *base, "palettize.group_size=16,32"], project)
+    results = sweep_results(grid)
+    assert sorted(results["16"]["stages_run"]) == sorted(downstream)
+    assert results["32"]["stages_run"] == []  # every stage restored from the run-cache
+    assert results["16"]["metrics"]["num_pairs"] == 48 and results["16"]["objective"] > 0
+    assert (grid / "summary.md").read_text().count("\n| sweep-") == 2
+    assert "No experiment met the quality target." in out.stdout  # 2-bit on 48 pairs: far from it
+
+    # submitit's local executor: one job in its own process, restored.
+    submitit = project / "sweeps/submitit"
+    run([sys.executable, "-m", "stages.sweep", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+         f"hydra.sweep.dir={submitit}", "sweep.name_prefix=submitit", *base, "palettize.group_size=32"], project)
+    assert sweep_results(submitit)["32"]["stages_run"] == []
+
+    # The Optuna sweeper with the search config, narrowed to what is cached.
+    search = project / "sweeps/search"
+    out = run([sys.executable, "-m", "stages.sweep", "-cn", "search", "hydra.sweeper.n_trials=2",
+               "hydra.sweeper.params=null", f"hydra.sweep.dir={search}", *base, "palettize=sensitive_kmeans",
+               "palettize.group_size=choice(16,32)"], project)
+    assert all(r["stages_run"] == [] for r in sweep_results(search).values())
+    assert "best_value" in (search / "optimization_results.yaml").read_text()
+
+    # DVC's own queue: one experiment per combination, two workers.
+    run(["dvc", "exp", "run", "--queue", *[f"-S{o}" for o in base], "-S", "palettize.group_size=16,32"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    names = re.findall(r"^\S+\s+(\S+)\s.*Success", status, flags=re.M)  # Task, Name, Created, Status
+    for name in names:
+        assert stages_run(run(["dvc", "queue", "logs", name], project).stdout) == set(), name
+
+    shown = {row["name"]: row for row in experiments.experiments(project)}
+    assert {results["16"]["name"], results["32"]["name"], *names} <= set(shown)
+    report.report(project / "reports", cwd=project)
+    table = (project / "reports/experiments.md").read_text()
+    assert "palettize.group_size=16" in table and (project / "reports/pareto.png").stat().st_size > 20_000

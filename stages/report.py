@@ -1,0 +1,139 @@
+"""Size against quality of every experiment: a Pareto chart and a table.
+
+    python -m stages.report                 # every experiment of `dvc exp show`
+    python -m stages.report --out reports --names sweep-1a2b3c4d sweep-5e6f7a8b
+
+Reads `dvc exp show --json` (experiments, the workspace and the commit they
+branch from), writes `<out>/pareto.png` (package MB against STS-B Spearman and
+against mean cosine fidelity, Pareto-optimal points marked and labelled by
+the settings that differ from the commit's) and `<out>/experiments.md`.
+For a per-experiment comparison in DVC itself: `dvc plots diff <exp> <exp>`
+(the `size_vs_*` plots of dvc.yaml, one point per experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages import experiments
+
+# Settings that name a run, not a recipe: left out of labels.
+NOT_RECIPE = ("data.", "evaluate.", "model.source")
+
+
+def recipe_label(params: dict, reference: dict) -> str:
+    """The settings that differ from the reference commit, e.g. `palettize.n_bits=2`."""
+    changed = [f"{k}={v}" for k, v in sorted(params.items())
+               if reference.get(k) != v and not k.startswith(NOT_RECIPE)]
+    # Copies of sections (finetune.palettize.*, coreml.palettize.*) repeat what the section itself says.
+    changed = [c for c in changed if not c.startswith(("finetune.palettize.", "finetune.quantize.", "coreml.prune.",
+                                                       "coreml.palettize.", "coreml.quantize."))]
+    return " ".join(changed) or "(the commit's config)"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Pareto-optimal when no other point is at most as large and at least as
+    good, and strictly better in one (size minimized, quality maximized)."""
+    optimal = []
+    for i, (size, quality) in enumerate(points):
+        dominated = any(s <= size and q >= quality and (s < size or q > quality)
+                        for j, (s, q) in enumerate(points) if j != i)
+        optimal.append(not dominated)
+    return optimal
+
+
+def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
+            all_commits: bool = False) -> tuple[list[dict], dict]:
+    """Experiment rows (deduplicated by rev) and the reference params (HEAD's) they are labelled against."""
+    rows = experiments.experiments(cwd, all_commits)
+    reference = next((r["params"] for r in rows if r["kind"] == "baseline"), {})
+    seen, chosen = set(), []
+    for row in rows:
+        if names and row["name"] not in names:
+            continue
+        if row["metrics"] is None or row["kind"] == "workspace" or row["rev"] in seen:
+            continue  # the workspace repeats the commit or an applied experiment
+        seen.add(row["rev"])
+        row["label"] = recipe_label(row["params"], reference)
+        chosen.append(row)
+    return chosen, reference
+
+
+def table(rows: list[dict]) -> str:
+    size_sts = pareto_front([(r["metrics"]["package_bytes"], r["metrics"]["sts_spearman"]) for r in rows])
+    size_cos = pareto_front([(r["metrics"]["package_bytes"], r["metrics"]["mean_cosine"]) for r in rows])
+    lines = ["| experiment | recipe (differs from the commit) | size MB | ratio to fp16 | STS-B Spearman | mean cosine "
+             "| meets target | Pareto (size, STS-B) | Pareto (size, cosine) |",
+             "|---|---|---:|---:|---:|---:|:---:|:---:|:---:|"]
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["metrics"]["package_bytes"])
+    for i in order:
+        r, m = rows[i], rows[i]["metrics"]
+        lines.append(f"| {r['name']} | {r['label']} | {m['package_bytes'] / 1e6:.2f} | {m['size_ratio']:.3f} "
+                     f"| {m['sts_spearman']:.2f} | {m['mean_cosine']:.4f} | {'yes' if m.get('meets_target') else 'no'} "
+                     f"| {'*' if size_sts[i] else ''} | {'*' if size_cos[i] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    float_sts = next((r["metrics"]["float_sts_spearman"] for r in rows if "float_sts_spearman" in r["metrics"]), None)
+    float_mb = next((r["metrics"]["float16_package_bytes"] / 1e6 for r in rows
+                     if "float16_package_bytes" in r["metrics"]), None)
+    sizes = [r["metrics"]["package_bytes"] / 1e6 for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    for axis, key, title in ((axes[0], "sts_spearman", "STS-B Spearman x100"),
+                             (axes[1], "mean_cosine", "mean cosine to the float embeddings")):
+        quality = [r["metrics"][key] for r in rows]
+        optimal = pareto_front(list(zip(sizes, quality)))
+        axis.scatter(sizes, quality, c=["tab:red" if o else "tab:gray" for o in optimal], s=36, zorder=3)
+        front = sorted((s, q) for s, q, o in zip(sizes, quality, optimal) if o)
+        if front:
+            axis.step([s for s, _ in front], [q for _, q in front], where="post", color="tab:red", lw=1, zorder=2,
+                      label="Pareto front")
+        for s, q, o, r in zip(sizes, quality, optimal, rows):
+            if o:
+                axis.annotate(r["label"][:60], (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if key == "sts_spearman" and float_sts is not None:
+            axis.axhline(float_sts, color="tab:blue", ls="--", lw=1, label=f"float model {float_sts:.2f}")
+        if key == "mean_cosine":
+            axis.axhline(1.0, color="tab:blue", ls="--", lw=1, label="float model 1.0")
+        axis.set_xlabel("package size, MB" + (f" (float16: {float_mb:.1f} MB)" if float_mb else ""))
+        axis.set_ylabel(title)
+        axis.set_title(f"{title} against size, {len(rows)} experiments")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report(out: Path, names: list[str] | None = None, cwd: Path = experiments.ROOT,
+           all_commits: bool = False) -> list[dict]:
+    rows, _ = collect(names, cwd, all_commits)
+    if not rows:
+        raise SystemExit("no experiment with metrics: run `dvc exp run` or `python -m stages.sweep -m ...` first")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiments.md").write_text(table(rows), encoding="utf-8")
+    chart(rows, out / "pareto.png")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="reports", help="folder for pareto.png and experiments.md")
+    parser.add_argument("--names", nargs="*", help="only these experiments (default: all)")
+    parser.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
+    args = parser.parse_args(argv)
+    rows = report(Path(args.out), args.names, all_commits=args.all_commits)
+    print(f"{len(rows)} experiments -> {args.out}/pareto.png, {args.out}/experiments.md")
+    print((Path(args.out) / "experiments.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
