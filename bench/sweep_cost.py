@@ -8,7 +8,7 @@ Measures, on the default recipe and one after the other on this machine:
    stages that really ran (everything else was restored from the run-cache);
 2. the same points as separate full runs: `dvc exp run --temp --force`, which
    recomputes every stage and restores nothing.
-Writes bench/results/sweep_cost.{json,md}; README quotes the table.
+Writes bench/results/sweep_cost.{json,md} and the table between README's sweep_cost markers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.recipes import update_readme
 from stages import experiments
 
 RESULTS = experiments.ROOT / "bench" / "results"
@@ -54,12 +55,12 @@ def run_separately(key: str, values: list[str]) -> dict:
 
 def markdown(result: dict) -> str:
     key, sweep, separate = result["key"], result["sweep"], result["separate"]
-    lines = [f"| `{key}` | sweep: s | sweep: stages run | separate full run: s | same package |",
-             "|---|---:|---|---:|:---:|"]
+    lines = [f"| `{key}` | sweep: s | sweep: stages run | separate full run: s | package bytes: sweep, separate |",
+             "|---|---:|---|---:|---:|"]
     for value in result["values"]:
         s, f = sweep["points"][value], separate["points"][value]
         lines.append(f"| {value} | {s['seconds']:.0f} | {', '.join(s['stages_run']) or 'none (all restored)'} "
-                     f"| {f['seconds']:.0f} | {'yes' if s['package_bytes'] == f['package_bytes'] else 'no'} |")
+                     f"| {f['seconds']:.0f} | {s['package_bytes']:,}, {f['package_bytes']:,} |")
     lines.append(f"| **all** | **{sweep['seconds']:.0f}** (whole multirun) | | **{separate['seconds']:.0f}** | |")
     return "\n".join(lines) + "\n"
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sweep_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "sweep_cost.md").write_text(markdown(result))
+    update_readme(markdown(result), "sweep_cost")
     print(markdown(result))
 
 

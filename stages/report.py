@@ -14,6 +14,7 @@ For a per-experiment comparison in DVC itself: `dvc plots diff <exp> <exp>`
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from stages import experiments
@@ -52,64 +53,91 @@ def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
     for row in rows:
         if names and row["name"] not in names:
             continue
-        if row["metrics"] is None or row["kind"] == "workspace" or row["rev"] in seen:
+        if row["metrics"] is None or row["kind"] == "workspace":
             continue  # the workspace repeats the commit or an applied experiment
-        seen.add(row["rev"])
+        # The same recipe again (an experiment of the commit's own config, or the
+        # same run under several commits: provenance moves the size by a byte or two).
+        m = row["metrics"]
+        result = (round(m["package_bytes"] / 1e4), m["sts_spearman"], m["mean_cosine"])
+        recipe = json.dumps(row["params"], sort_keys=True, default=str)
+        if row["rev"] in seen or recipe in seen or result in seen:
+            continue
+        seen.update((row["rev"], recipe, result))
         row["label"] = recipe_label(row["params"], reference)
         chosen.append(row)
     return chosen, reference
 
 
+def by_size(rows: list[dict]) -> list[dict]:
+    """Rows sorted by package size, each numbered (#1 the smallest) for chart and table."""
+    ordered = sorted(rows, key=lambda r: r["metrics"]["package_bytes"])
+    for number, row in enumerate(ordered, 1):
+        row["number"] = number
+    return ordered
+
+
 def table(rows: list[dict]) -> str:
+    rows = by_size(rows)
     size_sts = pareto_front([(r["metrics"]["package_bytes"], r["metrics"]["sts_spearman"]) for r in rows])
     size_cos = pareto_front([(r["metrics"]["package_bytes"], r["metrics"]["mean_cosine"]) for r in rows])
-    lines = ["| experiment | recipe (differs from the commit) | size MB | ratio to fp16 | STS-B Spearman | mean cosine "
-             "| meets target | Pareto (size, STS-B) | Pareto (size, cosine) |",
-             "|---|---|---:|---:|---:|---:|:---:|:---:|:---:|"]
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["metrics"]["package_bytes"])
-    for i in order:
-        r, m = rows[i], rows[i]["metrics"]
-        lines.append(f"| {r['name']} | {r['label']} | {m['package_bytes'] / 1e6:.2f} | {m['size_ratio']:.3f} "
-                     f"| {m['sts_spearman']:.2f} | {m['mean_cosine']:.4f} | {'yes' if m.get('meets_target') else 'no'} "
-                     f"| {'*' if size_sts[i] else ''} | {'*' if size_cos[i] else ''} |")
+    lines = ["| # | experiment | recipe (differs from the commit) | size MB | ratio to fp16 | STS-B Spearman "
+             "| mean cosine | meets target | Pareto (size, STS-B) | Pareto (size, cosine) |",
+             "|---:|---|---|---:|---:|---:|---:|:---:|:---:|:---:|"]
+    for r, on_sts, on_cos in zip(rows, size_sts, size_cos):
+        m = r["metrics"]
+        lines.append(f"| {r['number']} | {r['name']} | {r['label']} | {m['package_bytes'] / 1e6:.2f} "
+                     f"| {m['size_ratio']:.3f} | {m['sts_spearman']:.2f} | {m['mean_cosine']:.4f} "
+                     f"| {'yes' if m.get('meets_target') else 'no'} | {'*' if on_sts else ''} | {'*' if on_cos else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def chart(rows: list[dict], path: Path) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    rows = by_size(rows)
     float_sts = next((r["metrics"]["float_sts_spearman"] for r in rows if "float_sts_spearman" in r["metrics"]), None)
     float_mb = next((r["metrics"]["float16_package_bytes"] / 1e6 for r in rows
                      if "float16_package_bytes" in r["metrics"]), None)
     sizes = [r["metrics"]["package_bytes"] / 1e6 for r in rows]
-    figure, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    figure, axes = plt.subplots(1, 2, figsize=(14, 6.2))
+    labelled = set()
     for axis, key, title in ((axes[0], "sts_spearman", "STS-B Spearman x100"),
                              (axes[1], "mean_cosine", "mean cosine to the float embeddings")):
         quality = [r["metrics"][key] for r in rows]
         optimal = pareto_front(list(zip(sizes, quality)))
-        axis.scatter(sizes, quality, c=["tab:red" if o else "tab:gray" for o in optimal], s=36, zorder=3)
+        axis.scatter(sizes, quality, c=["tab:red" if o else "tab:gray" for o in optimal], s=30, zorder=3)
         front = sorted((s, q) for s, q, o in zip(sizes, quality, optimal) if o)
         if front:
             axis.step([s for s, _ in front], [q for _, q in front], where="post", color="tab:red", lw=1, zorder=2,
                       label="Pareto front")
         for s, q, o, r in zip(sizes, quality, optimal, rows):
+            # Numbers, not labels, on the plot: nearby points would overlap; the key is below.
+            axis.annotate(str(r["number"]), (s, q), textcoords="offset points", xytext=(4, 3), fontsize=8,
+                          color="tab:red" if o else "dimgray", fontweight="bold" if o else "normal")
             if o:
-                axis.annotate(r["label"][:60], (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                labelled.add(r["number"])
         if key == "sts_spearman" and float_sts is not None:
             axis.axhline(float_sts, color="tab:blue", ls="--", lw=1, label=f"float model {float_sts:.2f}")
         if key == "mean_cosine":
             axis.axhline(1.0, color="tab:blue", ls="--", lw=1, label="float model 1.0")
         axis.set_xlabel("package size, MB" + (f" (float16: {float_mb:.1f} MB)" if float_mb else ""))
         axis.set_ylabel(title)
-        axis.set_title(f"{title} against size, {len(rows)} experiments")
+        axis.set_title(f"{title} against size")
         axis.grid(alpha=0.3)
-        axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
+        axis.legend(loc="best", fontsize=8)
+    key_lines = [textwrap.shorten(f"#{r['number']} {r['name']}: {r['label']}", 110) for r in rows
+                 if r["number"] in labelled]
+    figure.text(0.01, 0.01, "Pareto-optimal (red):\n" + "\n".join(key_lines), fontsize=7.5, va="bottom",
+                family="monospace")
+    figure.suptitle(f"{len(rows)} experiments: size against quality (full list in experiments.md)", fontsize=11)
+    figure.tight_layout(rect=(0, 0.02 + 0.021 * (len(key_lines) + 1), 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

@@ -140,7 +140,7 @@ def summary_markdown(rows: list[dict]) -> str:
             continue
         lines.append(f"| {r['name']} | {overrides} | {m['package_bytes'] / 1e6:.2f} | {m['size_ratio']:.3f} "
                      f"| {m['sts_spearman']:.2f} | {m['mean_cosine']:.4f} | {'met' if m['meets_target'] else 'missed'} "
-                     f"| {', '.join(r['stages_run'])} | {r['seconds']:.0f} |")
+                     f"| {', '.join(r['stages_run']) or 'none (restored)'} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

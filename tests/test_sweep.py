@@ -97,11 +97,14 @@ def test_report_writes_a_table_and_a_chart(tmp_path, monkeypatch):
             {"name": "sweep-c", "rev": "r2", "kind": "experiment", "params": {"palettize.n_bits": 6},
              "metrics": metrics(17, 82.1, 0.99, True)},
             {"name": "sweep-x", "rev": "r3", "kind": "experiment", "params": {"palettize.n_bits": 3},
-             "metrics": metrics(18, 80.0, 0.90, False)}]
+             "metrics": metrics(18, 80.0, 0.90, False)},
+            {"name": "sweep-same", "rev": "r4", "kind": "experiment", "params": reference,
+             "metrics": metrics(11.6, 82.3, 0.972, True)}]  # the commit's own config again: listed once
     monkeypatch.setattr(report.experiments, "experiments", lambda cwd=None, all_commits=False: rows)
     report.report(tmp_path)
     table = (tmp_path / "experiments.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in table[2:]] == ["| sweep-a", "| abc1234", "| sweep-c", "| sweep-x"]
+    assert [line.split(" | ")[:2] for line in table[2:]] == [["| 1", "sweep-a"], ["| 2", "abc1234"],
+                                                              ["| 3", "sweep-c"], ["| 4", "sweep-x"]]
     assert table[2].endswith("| no | * | * |") and table[-1].endswith("| no |  |  |")
     assert "palettize.n_bits=2" in table[2]
     png = (tmp_path / "pareto.png").read_bytes()
