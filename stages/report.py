@@ -5,8 +5,9 @@
 
 Reads `dvc exp show --json` (experiments, the workspace and the commit they
 branch from), writes `<out>/pareto.png` (package MB against STS-B Spearman and
-against mean cosine fidelity, Pareto-optimal points marked and labelled by
-the settings that differ from the commit's) and `<out>/experiments.md`.
+against mean cosine fidelity; points numbered by size, Pareto-optimal ones in
+red with a key naming the settings that differ from the commit's) and
+`<out>/experiments.md`.
 For a per-experiment comparison in DVC itself: `dvc plots diff <exp> <exp>`
 (the `size_vs_*` plots of dvc.yaml, one point per experiment).
 """
@@ -45,8 +46,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
-            all_commits: bool = False) -> tuple[list[dict], dict]:
-    """Experiment rows (deduplicated by rev) and the reference params (HEAD's) they are labelled against."""
+            all_commits: bool = False) -> list[dict]:
+    """Experiment rows with metrics, each distinct result once, labelled against HEAD's params."""
     rows = experiments.experiments(cwd, all_commits)
     reference = next((r["params"] for r in rows if r["kind"] == "baseline"), {})
     seen, chosen = set(), []
@@ -65,7 +66,7 @@ def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
         seen.update((row["rev"], recipe, result))
         row["label"] = recipe_label(row["params"], reference)
         chosen.append(row)
-    return chosen, reference
+    return chosen
 
 
 def by_size(rows: list[dict]) -> list[dict]:
@@ -143,7 +144,7 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def report(out: Path, names: list[str] | None = None, cwd: Path = experiments.ROOT,
            all_commits: bool = False) -> list[dict]:
-    rows, _ = collect(names, cwd, all_commits)
+    rows = collect(names, cwd, all_commits)
     if not rows:
         raise SystemExit("no experiment with metrics: run `dvc exp run` or `python -m stages.sweep -m ...` first")
     out.mkdir(parents=True, exist_ok=True)

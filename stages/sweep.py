@@ -39,7 +39,7 @@ log = logging.getLogger("pipeline.sweep")
 # last instead of the whole sweep stopping.
 PENALTY = 1e6
 OBJECTIVES = {
-    # name: (what it returns, direction)
+    # name: what it returns, and its direction
     "size_meeting_target": "package MB when the quality target is met, else 1000 + package MB (minimize)",
     "package_mb": "package MB (minimize)",
     "sts_spearman": "STS-B Spearman x100 (maximize)",
@@ -63,17 +63,21 @@ def experiment_name(prefix: str, overrides: list[str]) -> str:
 def objective(name: str, metrics: dict | None) -> float | list[float]:
     if name not in OBJECTIVES:
         raise ConfigError(f"config error: sweep.objective={name!r} is not allowed; allowed: {', '.join(OBJECTIVES)}")
+    worst = [PENALTY, -PENALTY] if name == "size_and_spearman" else -PENALTY if name in MAXIMIZED else PENALTY
     if metrics is None:  # failed job: worst possible value in the objective's direction
-        worst = -PENALTY if name in MAXIMIZED else PENALTY
-        return [PENALTY, -PENALTY] if name == "size_and_spearman" else worst
+        return worst
     size_mb = metrics["package_bytes"] / 1e6
     if name == "size_meeting_target":
-        return size_mb if metrics["meets_target"] else 1000.0 + size_mb
-    if name == "package_mb":
-        return size_mb
-    if name == "size_and_spearman":
-        return [size_mb, metrics["sts_spearman"]]
-    return float(metrics[name])
+        value = size_mb if metrics["meets_target"] else 1000.0 + size_mb
+    elif name == "package_mb":
+        value = size_mb
+    elif name == "size_and_spearman":
+        value = [size_mb, float(metrics["sts_spearman"])]
+    else:
+        value = float(metrics[name])
+    # A collapsed model can score NaN; a sweeper must rank it last, not first.
+    finite = all(math.isfinite(v) for v in value) if isinstance(value, list) else math.isfinite(value)
+    return value if finite else worst
 
 
 PROGRESS = re.compile(r"stage=\w+ start|took [\d.]+ s|step \d+/\d+|^Running stage|is cached|ERROR")
@@ -169,8 +173,7 @@ class SweepSummary(Callback):
 def main(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
     result = run_job(cfg, pipeline_overrides(list(hydra_cfg.overrides.task)), Path(hydra_cfg.runtime.output_dir))
-    value = result["objective"]
-    return value if isinstance(value, list) or math.isfinite(value) else PENALTY
+    return result["objective"]
 
 
 if __name__ == "__main__":

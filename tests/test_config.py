@@ -116,7 +116,7 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
             "baseline": ["--package", str(out), "--embeddings", str(out), "--report", str(out)],
             "evaluate": ["--weights", "x", "--package", "x", "--readback", "x", "--float-embeddings", "x",
                          "--float-report", "x", "--metrics", str(out), "--layers", str(out), "--similarities", str(out),
-                             "--tradeoff", str(out)]}
+                         "--tradeoff", str(out)]}
     result = run([sys.executable, "-m", f"stages.{stage}", "--params", str(bad), *args[stage]], ROOT, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: palettize.n_bits=5 is not allowed; allowed: 1, 2, 3, 4, 6, 8"

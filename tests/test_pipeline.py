@@ -22,11 +22,7 @@ STAGES = ("validate", "prune", "finetune", "calibrate", "palettize", "quantize",
 
 
 def stages_run(output: str) -> set[str]:
-    """Stages whose command really executed (each logs `stage=<name> start`)."""
-    ran = set(re.findall(r"stage=(\w+) start", output))
-    if "Running stage 'validate'" in output:
-        ran.add("validate")
-    return ran
+    return set(experiments.stages_run(output))
 
 
 def set_param(project, key: str, value) -> None:

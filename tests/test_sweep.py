@@ -44,6 +44,9 @@ def test_objectives_rank_failures_last_and_reject_unknown_names():
     assert sweep.objective("size_meeting_target", None) > sweep.objective("size_meeting_target", small_miss)
     assert sweep.objective("sts_spearman", None) < sweep.objective("sts_spearman", small_miss)
     assert sweep.objective("size_and_spearman", large_meet) == [pytest.approx(11.0), 82]
+    collapsed = {**small_miss, "mean_cosine": float("nan"), "sts_spearman": float("nan")}
+    assert sweep.objective("mean_cosine", collapsed) == -sweep.PENALTY
+    assert sweep.objective("size_and_spearman", collapsed) == [sweep.PENALTY, -sweep.PENALTY]
     with pytest.raises(ConfigError, match="sweep.objective='size' is not allowed; allowed: size_meeting_target"):
         sweep.objective("size", large_meet)
 
