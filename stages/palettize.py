@@ -14,6 +14,7 @@ their own centroid (sparse palettization); the stage reports how many did.
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -40,15 +41,45 @@ def module_config(cfg: TensorPaletteConfig, n_bits: int | None = None, channel_a
     }
 
 
-def palettizer_config(cfg: PalettizeConfig) -> dict:
+def layer_n_bits(cfg: PalettizeConfig, name: str, embedding: bool) -> int:
+    """Bits of one layer: the first palettize.layer_bits pattern that fully matches
+    its name (coremltools' module_name_configs rule), else the section's default."""
+    for pattern, bits in cfg.layer_bits.items():
+        if re.fullmatch(pattern, name):
+            return bits
+    return (cfg.embeddings.n_bits or cfg.n_bits) if embedding else cfg.n_bits
+
+
+def palettized_layers(model: torch.nn.Module, cfg: PalettizeConfig) -> list[tuple[str, torch.nn.Module]]:
+    """The layers this section palettizes; fails on a layer_bits pattern that matches none of them."""
+    layers = [(name, module) for name, module in compressible_weights(model)
+              if cfg.embeddings.enabled or not isinstance(module, torch.nn.Embedding)]
+    for pattern in cfg.layer_bits:
+        if not any(re.fullmatch(pattern, name) for name, _ in layers):
+            examples = ", ".join(name for name, _ in layers[:3])
+            raise ValueError(f"config error: palettize.layer_bits key {pattern!r} matches no palettized layer; "
+                             f"allowed: a regex over layer names such as {examples}")
+    return layers
+
+
+def palettizer_config(cfg: PalettizeConfig, model: torch.nn.Module | None = None) -> dict:
     embeddings = cfg.embeddings
-    return {
+    options = {
         "global_config": module_config(cfg),
         "module_type_configs": {
             "Linear": module_config(cfg),
             "Embedding": module_config(cfg, embeddings.n_bits, embeddings.channel_axis) if embeddings.enabled else None,
         },
     }
+    if cfg.layer_bits:
+        # One exact entry per layer rather than the user's patterns: an embedding needs its own channel_axis.
+        options["module_name_configs"] = {
+            re.escape(name): module_config(cfg, layer_n_bits(cfg, name, embedding),
+                                           embeddings.channel_axis if embedding else 0)
+            for name, module in palettized_layers(model, cfg)
+            for embedding in [isinstance(module, torch.nn.Embedding)]
+        }
+    return options
 
 
 def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None):
@@ -59,7 +90,7 @@ def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[st
         return model
     if cfg.method == "uniform":
         return uniform_palettize(model, cfg)
-    options = palettizer_config(cfg)
+    options = palettizer_config(cfg, model)
     if cfg.method == "kmeans":
         palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options))
         return palettizer.compress(num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
@@ -81,11 +112,9 @@ def uniform_palettize(model: torch.nn.Module, cfg: PalettizeConfig) -> torch.nn.
     from coremltools.optimize.coreml._quantization_passes import palettize_weights
     from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
 
-    for _, module in compressible_weights(model):
+    for name, module in palettized_layers(model, cfg):
         embedding = isinstance(module, torch.nn.Embedding)
-        if embedding and not cfg.embeddings.enabled:
-            continue
-        n_bits = (cfg.embeddings.n_bits or cfg.n_bits) if embedding else cfg.n_bits
+        n_bits = layer_n_bits(cfg, name, embedding)
         axis = cfg.embeddings.channel_axis if embedding else 0
         weight = module.weight.detach().numpy().astype(np.float32)
         group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
@@ -150,7 +179,7 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
         tables = []
         for start in range(0, weight.shape[0], group):  # Linear groups run along output channels
             rows = slice(start, start + group)
-            values, lut = _zero_and_kmeans(weight[rows].ravel(), cfg.n_bits,
+            values, lut = _zero_and_kmeans(weight[rows].ravel(), layer_n_bits(cfg, name, False),
                                            None if importance is None else importance[rows].ravel())
             new_weight[rows] = values.reshape(weight[rows].shape)
             tables.append(lut)
@@ -196,6 +225,7 @@ def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, tor
     and round to what the package stores."""
     log = log or runtime.log
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
+    palettized_layers(model, cfg)  # a layer_bits key that matches nothing fails before any k-means
     model = palettize(model, cfg, sensitivity)
     check_all_palettized(model, cfg)
     repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
@@ -222,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_weights(params["model"], args.weights)
     sensitivity = load_file(args.sensitivity) if cfg.method == "sensitive_kmeans" else None
-    with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits} {cfg.granularity}"):
+    mixed = f" ({len(cfg.layer_bits)} layer_bits patterns)" if cfg.layer_bits else ""
+    with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits}{mixed} {cfg.granularity}"):
         model = run(model, cfg, sensitivity, log)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)

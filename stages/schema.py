@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -191,12 +191,29 @@ class PalettizeConfig(TensorPaletteConfig):
     embeddings: EmbeddingPaletteConfig = field(default_factory=EmbeddingPaletteConfig)
     # coremltools k-means worker processes (one per core here).
     num_kmeans_workers: int = 2
+    # Mixed-bit recipes: {module-name regex: n_bits}. As in coremltools' module_name_configs
+    # the first pattern that fully matches a layer name wins; other layers take n_bits
+    # (embeddings.n_bits for the tables). null: every layer uniform. null rather than {}
+    # in conf/ so that a plain Hydra override `palettize.layer_bits={...}` can replace it.
+    # `python -m stages.mixed_bit` writes these.
+    layer_bits: Optional[Dict[str, int]] = None
+
+    def __post_init__(self) -> None:
+        self.layer_bits = dict(self.layer_bits or {})
 
     def check(self, prefix: str = "palettize") -> None:
         _check_choice(f"{prefix}.method", self.method, PALETTIZE_METHODS)
         TensorPaletteConfig.check(self, prefix)
         self.embeddings.check(f"{prefix}.embeddings")
         _check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
+        for pattern, bits in self.layer_bits.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                fail(f"{prefix}.layer_bits", pattern, f"allowed: a regular expression over layer names ({exc})")
+            _check_choice(f"{prefix}.layer_bits.{pattern}", bits, PALETTE_BITS)
+        if self.layer_bits and self.method == "none":
+            fail(f"{prefix}.layer_bits", dict(self.layer_bits), "allowed: {} with method=none")
         if self.method == "uniform" and (self.cluster_dim > 1 or self.enable_per_channel_scale or self.lut_dtype):
             fail(f"{prefix}.method", self.method,
                  "uniform look-up tables take no cluster_dim, enable_per_channel_scale or lut_dtype (coremltools)")
@@ -423,6 +440,12 @@ def check_combination(sections: dict[str, Any]) -> None:
         if (method, key) in (("dkm", "palettize"), ("qat", "quantize")) and own is not None and target != own:
             fail(f"finetune.{key}", "(differs)", f"finetune.method={method} trains against the {key} section; "
                  f"finetune.{key} must equal it (conf/finetune/{method}.yaml interpolates ${{{key}}})")
+    mixed = palettize is not None and bool(palettize.layer_bits)
+    if method == "dkm" and mixed:
+        fail("finetune.method", method, "allowed with palettize.layer_bits={} only (DKM trains one bit width)")
+    if mixed and sections.get("coreml") is not None and sections["coreml"].enabled:
+        fail("coreml.enabled", True, "allowed: false with palettize.layer_bits (the Core ML side configures "
+             "ops by type, not by layer)")
     if method == "gradual_prune" and prune is not None and prune.method != "none":
         fail("finetune.method", method, f"prunes while training; set prune.method=none (got {prune.method})")
     coreml = sections.get("coreml")

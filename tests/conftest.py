@@ -26,6 +26,8 @@ REDUCED_OVERRIDES = [
     "prune.num_samples=8",
     "palettize.n_bits=2",
     "palettize.group_size=32",
+    # Mixed bits: one layer's look-up tables differ in size from the rest through conversion.
+    "palettize.layer_bits={encoder.layer.5.output.dense:3}",
 ]
 
 PROJECT_FILES = ["dvc.yaml", "stages", "conf", "data", ".dvc/config", ".dvcignore"]
@@ -60,6 +62,20 @@ def make_project_copy(dest: Path, overrides: list[str]) -> Path:
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def reduced_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One cold `dvc repro` of the reduced project, shared: the slowest step of
+    the suite, so modules copy its result (``copy_of_reduced_run``) instead."""
+    project = make_project_copy(tmp_path_factory.mktemp("reduced_run") / "project", REDUCED_OVERRIDES)
+    return project, run(["dvc", "repro"], project)
+
+
+def copy_of_reduced_run(reduced_run, dest: Path) -> Path:
+    """A private copy (git history, DVC cache and run-cache, outputs) that a module may change."""
+    shutil.copytree(reduced_run[0], dest, symlinks=True)
     return dest
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REDUCED_OVERRIDES, make_project_copy, run
+from conftest import REDUCED_OVERRIDES, copy_of_reduced_run, make_project_copy, run
 from stages import experiments, report
 from stages.convert import load_program
 
@@ -37,10 +37,27 @@ def set_param(project, key: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def reproduced(reduced_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The reduced project after one cold `dvc repro`: its run-cache holds every stage."""
-    project = make_project_copy(tmp_path_factory.mktemp("reproduced") / "project", REDUCED_OVERRIDES)
-    return project, run(["dvc", "repro"], project)
+    return copy_of_reduced_run(reduced_run, tmp_path_factory.mktemp("reproduced") / "project"), reduced_run[1]
+
+
+def test_mixed_bit_recipe_from_the_cached_sensitivity(reproduced, tmp_path):
+    """The generator on the real model's cached weights and sensitivity (structure:
+    two widths, four held-out pairs): a palettize config every layer is named in."""
+    project, _ = reproduced
+    out = run([sys.executable, "-m", "stages.mixed_bit", "--size-mb", "8", "--bits", "2", "4", "--pairs", "4",
+               "--name", "mixed_test"], project)
+    assert "Run it: dvc exp run -S palettize=mixed_test" in out.stdout
+    recipe = yaml.safe_load((project / "conf/palettize/mixed_test.yaml").read_text())
+    assert len(recipe["layer_bits"]) == 3 + 6 * 6 and set(recipe["layer_bits"].values()) == {2, 4}
+    report = json.loads((project / "reports/mixed_bit/mixed_test.json").read_text())
+    assert report["estimated_package_mb"] <= 8 and 2 < report["mean_bits"] < 4 and 0 < report["cosine"] <= 1
+    composed = tmp_path / "params.yaml"
+    upstream = [o for o in REDUCED_OVERRIDES if not o.startswith("palettize.")]
+    run([sys.executable, "-m", "stages.config", "--params", str(composed), *upstream, "palettize=mixed_test"], project)
+    assert yaml.safe_load(composed.read_text())["palettize"]["layer_bits"] == recipe["layer_bits"]
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
 
 
 def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reproduced):
@@ -61,8 +78,11 @@ def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reprodu
     assert len(layers) == 1 + 3 + 6 * 6  # three embedding tables, six Linear layers per block
     assert any(line.startswith("embeddings.word_embeddings,30522x384,palettization,constexpr_lut_to_dense,2,")
                for line in layers)
-    assert any(line.startswith("encoder.layer.5.output.dense,384x1536,pruning+palettization,"
+    assert any(line.startswith("encoder.layer.4.output.dense,384x1536,pruning+palettization,"
                                "constexpr_lut_to_sparse+constexpr_sparse_to_dense,2,12,0.4") for line in layers)
+    # palettize.layer_bits: this one layer has an 8-entry table; readback proves the package holds its weights
+    assert any(line.startswith("encoder.layer.5.output.dense,384x1536,pruning+palettization,"
+                               "constexpr_lut_to_sparse+constexpr_sparse_to_dense,3,12,0.4") for line in layers)
     # 40% of the 10.6 M Linear weights; the 11.9 M embedding weights stay dense
     assert 0.17 < metrics["sparsity"] < 0.21
 
