@@ -82,7 +82,17 @@ TECHNIQUES: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-vector-2", KMEANS + ["palettize.granularity=per_tensor", "palettize.group_size=null",
                                        "palettize.cluster_dim=2"], "vector palettization: 4-bit, 2-D entries, per tensor"),
 ]
-SETS = {"recipes": RECIPES, "techniques": TECHNIQUES}
+# Mixed-bit recipes written by `python -m stages.mixed_bit` (conf/palettize/mixed_*.yaml) beside
+# the best uniform recipe meeting the target (README "Mixed-bit recipes").
+MIXED: list[tuple[str, list[str], str]] = [
+    ("skm-4bit-g4", [], "uniform: sensitive k-means 4-bit, group 4 (the default)"),
+    ("mixed-g16-cos097", ["palettize=mixed_g16_cos097"],
+     "mixed 2/4/6-bit, group 16: smallest recipe the generator measured at cosine >= 0.97"),
+    ("mixed-g16-11mb", ["palettize=mixed_g16_11mb"],
+     "mixed 2/6/8-bit, group 16: best recipe the generator found within 11.6 MB"),
+]
+
+SETS = {"recipes": RECIPES, "techniques": TECHNIQUES, "mixed": MIXED}
 
 
 def run_recipe(name: str, overrides: list[str], timeout: float) -> dict:
