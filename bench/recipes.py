@@ -88,6 +88,9 @@ MIXED: list[tuple[str, list[str], str]] = [
     ("skm-4bit-g4", [], "uniform: sensitive k-means 4-bit, group 4 (the default)"),
     ("mixed-g16-cos097", ["palettize=mixed_g16_cos097"],
      "mixed 2/4/6-bit, group 16: smallest recipe the generator measured at cosine >= 0.97"),
+    ("mixed-g16-margin", ["palettize=mixed_g16_margin"],
+     "mixed 2/4/6/8-bit, group 16: smallest recipe the generator measured at cosine >= 0.975, "
+     "STS-B within 0.25 of float"),
     ("mixed-g16-11mb", ["palettize=mixed_g16_11mb"],
      "mixed 2/6/8-bit, group 16: best recipe the generator found within 11.6 MB"),
 ]

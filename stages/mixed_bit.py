@@ -1,8 +1,8 @@
 """Mixed-bit palettization recipes: each layer gets the fewest bits the model can afford.
 
-    python -m stages.mixed_bit --min-cosine 0.97 --name mixed_cos097
+    python -m stages.mixed_bit --min-cosine 0.97 --max-spearman-drop 0.5 --name mixed_target
     python -m stages.mixed_bit --size-mb 11.6 --name mixed_11mb palettize.group_size=16
-    dvc exp run -S palettize=mixed_cos097
+    dvc exp run -S palettize=mixed_target
 
 In the spirit of Apple's mixed-bit palettization pre-analysis for Stable
 Diffusion (ml-stable-diffusion): measure what each layer costs at each bit
@@ -17,9 +17,13 @@ lowering the layer whose next width down costs least per byte saved.
    after the calibration ones); Apple's recipes measure output PSNR the same
    way. The cached sensitivity is normalised per tensor by coremltools, so it
    ranks weights within a layer but cannot compare layers; this measurement can.
-3. Pick: the smallest point on the path whose measured cosine with every layer
-   palettized together stays at or above ``--min-cosine`` (bisection), or the
-   largest point whose estimated package size is at most ``--size-mb``.
+3. Pick: along a path from every layer at 8 bits to every layer at 1 bit
+   (each step lowers the layer whose next width costs least per byte saved),
+   the smallest recipe that, measured whole on more held-out pairs
+   (``--check-pairs``), keeps the mean cosine at or above ``--min-cosine``
+   and, with ``--max-spearman-drop``, STS-B Spearman within that of float; or
+   the best recipe whose estimated package is at most ``--size-mb``. A refill
+   then spends what a big step down saved (see ``refill``).
 4. Write conf/palettize/<name>.yaml: the base section plus ``layer_bits``,
    with a header recording the inputs, the estimate and the measured cosine.
 
@@ -34,6 +38,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,9 +49,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from stages import config, runtime
-from stages.data import load_pairs
+from stages.data import Pairs, load_pairs
+from stages.evaluate import sts_spearman
 from stages.model import encode, load_tokenizer, load_weights
-from stages.palettize import palettized_layers
+from stages.palettize import layer_n_bits, palettized_layers
 from stages.schema import PALETTE_BITS, ConfigError, PalettizeConfig
 
 BITS = (1, 2, 4, 6, 8)
@@ -61,6 +67,7 @@ class Layer:
     numel: int
     groups: int
     embedding: bool
+    channels: int = 0  # along the grouping axis
 
 
 def _assign(points: np.ndarray, centroids: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -204,10 +211,10 @@ def greedy_path(layers: list[Layer], cost: dict[tuple[str, int], float],
 
 
 class Analysis:
-    """The model, its candidates per layer and bits, and the cosine proxy."""
+    """The model, its candidates per layer and bits, and the measurements on held-out dev pairs."""
 
     def __init__(self, params: dict, cfg: PalettizeConfig, weights: Path, sensitivity: Path, pairs: int,
-                 widths: tuple[int, ...], log):
+                 check_pairs: int, widths: tuple[int, ...], log):
         self.widths = widths
         model_cfg = params["model"]
         self.log = log
@@ -215,15 +222,19 @@ class Analysis:
         importance = load_file(str(sensitivity)) if cfg.method == "sensitive_kmeans" else {}
         calibrate = params["calibrate"]
         # Pairs after the calibration ones in the same seeded order: never seen by the sensitivity.
-        held_out = load_pairs(params["data"], params["data"].calibration_file, calibrate.num_samples + pairs,
-                              calibrate.seed)
-        self.sentences = (held_out.sentence1[calibrate.num_samples:] + held_out.sentence2[calibrate.num_samples:])
-        if not self.sentences:
-            raise ConfigError(f"config error: {params['data'].calibration_file} has no pairs after the "
-                              f"{calibrate.num_samples} calibration ones to measure with")
+        skip = calibrate.num_samples
+        loaded = load_pairs(params["data"], params["data"].calibration_file, skip + max(pairs, check_pairs),
+                            calibrate.seed)
+        self.check_pairs = Pairs(loaded.sentence1[skip:], loaded.sentence2[skip:], loaded.scores[skip:])
+        if len(self.check_pairs) < 2:
+            raise ConfigError(f"config error: {params['data'].calibration_file} has too few pairs after the "
+                              f"{skip} calibration ones to measure with")
+        self.sentences = self.check_pairs.sentence1[:pairs] + self.check_pairs.sentence2[:pairs]
         self.tokenizer = load_tokenizer(model_cfg)
         self.model_cfg = model_cfg
-        self.reference = self.embed()
+        self.reference = self.embed(self.sentences)
+        self.check_reference = self.embed(self.check_pairs.sentences())
+        self.float_spearman = sts_spearman(self.check_reference, self.check_pairs)
         self.float_weights, self.candidates, self.layers = {}, {}, []
         for name, module in palettized_layers(self.model, cfg):
             embedding = isinstance(module, torch.nn.Embedding)
@@ -235,7 +246,8 @@ class Analysis:
                                   f"{weight.shape[axis]} channels along axis {axis}")
             scores = importance.get(f"{name}.weight")
             self.float_weights[name] = module.weight.detach().clone()
-            self.layers.append(Layer(name, weight.size, weight.shape[axis] // group if group else 1, embedding))
+            self.layers.append(Layer(name, weight.size, weight.shape[axis] // group if group else 1, embedding,
+                                     weight.shape[axis]))
             started = time.perf_counter()
             for n_bits in widths:
                 self.candidates[name, n_bits] = torch.from_numpy(grouped_kmeans(
@@ -243,20 +255,35 @@ class Analysis:
             log.info("candidates %-45s %s bits in %.1f s", name, "/".join(map(str, widths)),
                      time.perf_counter() - started)
 
-    def embed(self) -> torch.Tensor:
-        return encode(self.model, self.tokenizer, self.sentences, self.model_cfg)
+    def embed(self, sentences: list[str]) -> torch.Tensor:
+        return encode(self.model, self.tokenizer, sentences, self.model_cfg)
 
-    def cosine(self, bits: dict[str, int]) -> float:
-        """Mean cosine to the float embeddings with each named layer at its bits."""
+    @contextmanager
+    def palettized(self, bits: dict[str, int]):
+        """The model with each named layer at its candidate for those bits, restored after."""
         modules = dict(self.model.named_modules())
         with torch.no_grad():
             for name, n_bits in bits.items():
                 modules[name].weight.copy_(self.candidates[name, n_bits])
             try:
-                return float(torch.nn.functional.cosine_similarity(self.embed(), self.reference, dim=-1).mean())
+                yield self.model
             finally:
                 for name in bits:
                     modules[name].weight.copy_(self.float_weights[name])
+
+    def cosine(self, bits: dict[str, int]) -> float:
+        """Mean cosine to the float embeddings of the cost sentences."""
+        with self.palettized(bits):
+            return float(torch.nn.functional.cosine_similarity(self.embed(self.sentences), self.reference,
+                                                               dim=-1).mean())
+
+    def check(self, bits: dict[str, int]) -> dict[str, float]:
+        """What evaluate measures, on every held-out pair: mean cosine to float and STS-B Spearman drop."""
+        with self.palettized(bits):
+            embeddings = self.embed(self.check_pairs.sentences())
+        cosine = torch.nn.functional.cosine_similarity(embeddings, self.check_reference, dim=-1).mean()
+        return {"cosine": float(cosine),
+                "spearman_drop": self.float_spearman - sts_spearman(embeddings, self.check_pairs)}
 
     def costs(self) -> dict[tuple[str, int], float]:
         cost = {}
@@ -294,33 +321,35 @@ def refill(start: dict[str, int], layers: list[Layer], cost: dict[tuple[str, int
         sequence.append(dict(bits))
 
 
-def choose(path: list[dict[str, int]], measure, size_of, min_cosine: float | None, size_mb: float | None,
-           upwards=None) -> tuple[dict[str, int], float, dict[str, float]]:
-    """The recipe to write, its measured cosine, and every cosine measured on the way
+def choose(path: list[dict[str, int]], measure, size_of, meets, size_mb: float | None,
+           upwards=None) -> tuple[dict[str, int], dict, dict]:
+    """The recipe to write, its measurements, and every measurement on the way
     (keyed by the recipe as sorted (layer, bits) pairs).
 
-    ``upwards(start, budget)`` gives the refill sequence from a recipe (see refill).
+    ``measure(bits)`` gives the measurements of a recipe, ``meets(measurements)``
+    whether they meet the target; ``upwards(start, budget)`` the refill sequence
+    from a recipe (see refill).
     --size-mb: the first path point within the size, then refilled up to it.
-    --min-cosine: bisection along the path for the last point meeting the cosine;
-    then, from the point after it, bisection along the refill sequence for the
-    first recipe meeting the cosine while smaller than that last point.
+    Else: bisection along the path for the last point meeting the target; then,
+    from the point after it, bisection along the refill sequence for the first
+    recipe meeting the target while smaller than that last point.
     """
-    measured: dict[tuple, float] = {}
+    measured: dict[tuple, dict] = {}
 
-    def cosine(label: str, bits: dict[str, int]) -> float:
+    def result(bits: dict[str, int]) -> dict:
         key = tuple(sorted(bits.items()))
         if key not in measured:
             measured[key] = measure(bits)
         return measured[key]
 
-    def first_meeting(label: str, recipes: list[dict[str, int]]) -> int | None:
-        """Index of the first recipe meeting the cosine, assuming they only get better."""
-        if not recipes or cosine(f"{label}{len(recipes) - 1}", recipes[-1]) < min_cosine:
+    def first_meeting(recipes: list[dict[str, int]]) -> int | None:
+        """Index of the first recipe meeting the target, assuming they only get better."""
+        if not recipes or not meets(result(recipes[-1])):
             return None
-        low, high = -1, len(recipes) - 1  # cosine(high) >= min_cosine; low: not known to meet it
+        low, high = -1, len(recipes) - 1  # recipes[high] meets the target; recipes[low] is not known to
         while high - low > 1:
             middle = (low + high) // 2
-            if cosine(f"{label}{middle}", recipes[middle]) >= min_cosine:
+            if meets(result(recipes[middle])):
                 high = middle
             else:
                 low = middle
@@ -334,19 +363,19 @@ def choose(path: list[dict[str, int]], measure, size_of, min_cosine: float | Non
         bits = path[fits[0]]
         filled = upwards(bits, size_mb * 1e6) if upwards else []
         bits = filled[-1] if filled else bits
-        return bits, cosine("chosen", bits), measured
+        return bits, result(bits), measured
 
-    if cosine("path0", path[0]) < min_cosine:
-        raise ConfigError(f"config error: --min-cosine {min_cosine}: every layer at {max(path[0].values())} "
-                          f"bits already gives {cosine('path0', path[0]):.4f}")
-    last = len(path) - 1 - (first_meeting("reversed", path[::-1]) or 0)  # path gets worse: search it reversed
+    if not meets(result(path[0])):
+        raise ConfigError(f"config error: every layer at {max(path[0].values())} bits already misses the target: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in result(path[0]).items()))
+    last = len(path) - 1 - first_meeting(path[::-1])  # the path gets worse: search it reversed
     bits = path[last]
     if upwards and last + 1 < len(path):
         candidates = upwards(path[last + 1], size_of(path[last]) - 1)
-        found = first_meeting("refill", candidates)
+        found = first_meeting(candidates)
         if found is not None:
             bits = candidates[found]
-    return bits, cosine("chosen", bits), measured
+    return bits, result(bits), measured
 
 
 def file_md5(path: Path) -> str:
@@ -362,27 +391,45 @@ def recipe_text(base: PalettizeConfig, bits: dict[str, int], header: list[str]) 
     return "".join(f"# {line}\n" for line in header) + body
 
 
-def package_overhead(layers: list[Layer]) -> float | None:
-    """Bytes of the float16 package that are not palettized weights (norms, biases,
-    program), from the last evaluate run; None when there is none."""
-    metrics = Path("metrics/evaluate.json")
-    if not metrics.is_file():
+def package_overhead(layers: list[Layer], params: dict, metrics_path: Path) -> float | None:
+    """Bytes of the package that are not palettized weights (norms, biases, the program,
+    per-op metadata). From the last evaluate run: its package minus this estimate of its
+    own palettized weights, when its recipe is plain palettization; else the float16
+    package minus the float16 weights. None when there is no evaluate run."""
+    if not metrics_path.is_file():
         return None
-    float16_bytes = json.loads(metrics.read_text()).get("float16_package_bytes")
-    return None if float16_bytes is None else float16_bytes - 2 * sum(layer.numel for layer in layers)
+    metrics = json.loads(metrics_path.read_text())
+    palettize: PalettizeConfig = params["palettize"]
+    plain = (palettize.method in ("kmeans", "sensitive_kmeans", "uniform") and palettize.cluster_dim == 1
+             and not palettize.lut_dtype and params["quantize"].method == "none"
+             and params["prune"].method == "none" and params["finetune"].method == "none")
+    if plain and "package_bytes" in metrics:
+        group = palettize.group_size if palettize.granularity == "per_grouped_channel" else None
+        own = sum(layer_bytes(Layer(layer.name, layer.numel, layer.channels // group if group else 1,
+                                    layer.embedding, layer.channels),
+                              layer_n_bits(palettize, layer.name, layer.embedding)) for layer in layers)
+        return metrics["package_bytes"] - own
+    if "float16_package_bytes" in metrics:
+        return metrics["float16_package_bytes"] - 2 * sum(layer.numel for layer in layers)
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     goal = parser.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--min-cosine", type=float, help="smallest recipe whose measured mean cosine is at least this")
+    goal.add_argument("--min-cosine", type=float, help="smallest recipe whose mean cosine to float is at least this")
     goal.add_argument("--size-mb", type=float, help="best recipe whose estimated package is at most this many MB")
+    parser.add_argument("--max-spearman-drop", type=float, default=None,
+                        help="with --min-cosine: STS-B Spearman may also fall at most this far below float")
     parser.add_argument("--name", required=True, help="writes conf/palettize/<name>.yaml")
-    parser.add_argument("--pairs", type=int, default=64, help="held-out dev pairs for the cosine measurements")
+    parser.add_argument("--pairs", type=int, default=64, help="held-out dev pairs for the per-layer costs")
+    parser.add_argument("--check-pairs", type=int, default=512,
+                        help="held-out dev pairs on which whole recipes are measured (cosine and Spearman)")
     parser.add_argument("--weights", default=str(WEIGHTS))
     parser.add_argument("--sensitivity", default=str(SENSITIVITY))
     parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), help="the widths to choose from")
     parser.add_argument("--params", default=str(config.PARAMS))
+    parser.add_argument("--metrics", default="metrics/evaluate.json", help="the last evaluate run, for sizes")
     parser.add_argument("--report", default="reports/mixed_bit", help="folder for <name>.json (costs and path)")
     parser.add_argument("overrides", nargs="*", help="changes to params.yaml's palettize section as the base, "
                         "e.g. palettize.group_size=16")
@@ -393,15 +440,21 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"config error: --min-cosine={args.min_cosine}; allowed: (0, 1]")
     if args.size_mb is not None and args.size_mb <= 0:
         raise ConfigError(f"config error: --size-mb={args.size_mb}; allowed: a number > 0")
+    if args.max_spearman_drop is not None and args.min_cosine is None:
+        raise ConfigError("config error: --max-spearman-drop; allowed only with --min-cosine")
+    for key in ("pairs", "check_pairs"):
+        if getattr(args, key) < 2:
+            raise ConfigError(f"config error: --{key.replace('_', '-')}={getattr(args, key)}; allowed: 2 or more")
     bad = [o for o in args.overrides if not o.startswith("palettize.")]
     if bad:
         raise ConfigError(f"config error: override {bad[0]!r}; allowed: palettize.<key>=<value> only (the cached "
                           "weights and sensitivity belong to params.yaml's other sections)")
     # The base is params.yaml's palettize section (the one the cached artifacts sit beside) plus the overrides.
-    current = config.read_params(args.params)
-    merged = OmegaConf.merge(OmegaConf.create({"palettize": current.get("palettize", {})}),
+    raw = config.read_params(args.params)
+    current = config.validate(raw)
+    merged = OmegaConf.merge(OmegaConf.create({"palettize": raw.get("palettize", {})}),
                              OmegaConf.from_dotlist(args.overrides))
-    composed = config.validate({**current, "palettize": OmegaConf.to_container(merged)["palettize"]})
+    composed = config.validate({**raw, "palettize": OmegaConf.to_container(merged)["palettize"]})
     widths = tuple(sorted(set(args.bits)))
     if len(widths) < 2 or any(b not in PALETTE_BITS for b in widths):
         raise ConfigError(f"config error: --bits {args.bits}; allowed: two or more of {PALETTE_BITS}")
@@ -414,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"config error: {path} does not exist; run `dvc repro calibrate` first")
 
     started = time.perf_counter()
-    analysis = Analysis(composed, base, Path(args.weights), Path(args.sensitivity), args.pairs, widths, log)
+    analysis = Analysis(composed, base, Path(args.weights), Path(args.sensitivity), args.pairs, args.check_pairs,
+                        widths, log)
     # The per-layer costs take most of the time (one forward pass per layer and width);
     # a second goal over the same inputs and base reuses them.
     key_parts = [file_md5(Path(args.weights)), file_md5(Path(args.sensitivity)), widths, args.pairs,
@@ -429,32 +483,41 @@ def main(argv: list[str] | None = None) -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps([[name, b, c] for (name, b), c in cost.items()]))
     path = greedy_path(analysis.layers, cost, widths)
-    overhead = package_overhead(analysis.layers)
+    overhead = package_overhead(analysis.layers, current, Path(args.metrics))
+    if args.size_mb is not None and overhead is None:
+        raise ConfigError(f"config error: --size-mb needs {args.metrics} from a `dvc repro` to estimate package sizes")
     layers = {layer.name: layer for layer in analysis.layers}
 
     def size_of(bits: dict[str, int]) -> float:
         return sum(layer_bytes(layers[name], b) for name, b in bits.items()) + (overhead or 0.0)
 
-    if args.size_mb is not None and overhead is None:
-        raise ConfigError("config error: --size-mb needs metrics/evaluate.json (float16_package_bytes) "
-                          "from a `dvc repro` to estimate package sizes")
     def upwards(start: dict[str, int], budget: float) -> list[dict[str, int]]:
         return refill(start, analysis.layers, cost, widths, budget, overhead or 0.0)
 
-    bits, cosine, measured = choose(path, analysis.cosine, size_of, args.min_cosine, args.size_mb, upwards)
+    def meets(result: dict) -> bool:
+        return result["cosine"] >= args.min_cosine and (
+            args.max_spearman_drop is None or result["spearman_drop"] <= args.max_spearman_drop)
+
+    bits, result, measured = choose(path, analysis.check, size_of, meets, args.size_mb, upwards)
     weights_mb = sum(layer_bytes(layers[n], b) for n, b in bits.items()) / 1e6
     mean_bits = sum(layers[n].numel * b for n, b in bits.items()) / sum(layer.numel for layer in analysis.layers)
     histogram = {b: sum(1 for v in bits.values() if v == b) for b in widths}
-    goal_text = f"--min-cosine {args.min_cosine}" if args.size_mb is None else f"--size-mb {args.size_mb}"
+    if args.size_mb is not None:
+        goal_text = f"--size-mb {args.size_mb}"
+    else:
+        goal_text = f"--min-cosine {args.min_cosine}" + (
+            f" --max-spearman-drop {args.max_spearman_drop}" if args.max_spearman_drop is not None else "")
     header = [
         f"Mixed-bit recipe written by `python -m stages.mixed_bit {goal_text} --name {args.name}"
         + "".join(f" {o}" for o in args.overrides) + "`.",
         f"Inputs: {args.weights} md5 {file_md5(Path(args.weights))}, {args.sensitivity} md5 "
-        f"{file_md5(Path(args.sensitivity))}; {len(analysis.sentences)} held-out dev sentences.",
+        f"{file_md5(Path(args.sensitivity))}; held-out dev pairs: {len(analysis.sentences) // 2} for the per-layer "
+        f"costs, {len(analysis.check_pairs)} for whole recipes.",
         f"Estimate: {mean_bits:.2f} bits per weight on average, palettized weights {weights_mb:.2f} MB"
         + (f", package about {size_of(bits) / 1e6:.2f} MB" if overhead is not None else "")
         + f"; layers per width {', '.join(f'{b}-bit: {n}' for b, n in histogram.items() if n)}.",
-        f"Measured by the generator (its own k-means, not yet coremltools): mean cosine {cosine:.4f}.",
+        f"Measured by the generator (its own k-means, dev pairs): mean cosine {result['cosine']:.4f}, "
+        f"STS-B Spearman {result['spearman_drop']:.2f} below float.",
         f"Run it: dvc exp run -S palettize={args.name}",
     ]
     out = config.CONF_DIR / "palettize" / f"{args.name}.yaml"
@@ -462,10 +525,10 @@ def main(argv: list[str] | None = None) -> None:
     report = Path(args.report) / f"{args.name}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({
-        "goal": goal_text, "overrides": args.overrides, "bits": widths, "cosine": cosine,
+        "goal": goal_text, "overrides": args.overrides, "bits": widths, **result,
         "estimated_package_mb": size_of(bits) / 1e6 if overhead is not None else None,
         "mean_bits": mean_bits,
-        "measured": [{"package_mb": size_of(dict(key)) / 1e6, "cosine": value} for key, value in measured.items()],
+        "measured": [{"package_mb": size_of(dict(key)) / 1e6, **value} for key, value in measured.items()],
         "cost": {f"{name}@{b}": c for (name, b), c in cost.items()},
         "path_sizes_mb": [size_of(p) / 1e6 for p in path], "layer_bits": bits,
         "seconds": round(time.perf_counter() - started, 1),

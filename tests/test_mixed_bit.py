@@ -113,25 +113,34 @@ def test_greedy_path_lowers_the_cheapest_layer_per_byte_first():
     assert sizes == sorted(sizes, reverse=True)
 
 
-def test_choice_bisects_to_the_smallest_recipe_meeting_the_cosine():
+def test_choice_bisects_to_the_smallest_recipe_meeting_the_target():
     path = [{"a": b} for b in (8, 6, 4, 2, 1)]
     cosine_of = {8: 0.999, 6: 0.99, 4: 0.975, 2: 0.9, 1: 0.5}
+    drop_of = {8: 0.0, 6: 0.1, 4: 0.3, 2: 2.0, 1: 20.0}
     sizes = {8: 8e6, 6: 6e6, 4: 4e6, 2: 2e6, 1: 1e6}
     calls = []
 
     def measure(bits):
         calls.append(bits)
-        return cosine_of[bits["a"]]
+        return {"cosine": cosine_of[bits["a"]], "spearman_drop": drop_of[bits["a"]]}
 
-    bits, cosine, measured = mixed_bit.choose(path, measure, lambda b: sizes[b["a"]], 0.97, None)
-    assert bits == {"a": 4} and cosine == 0.975
+    def size(bits):
+        return sizes[bits["a"]]
+
+    def cosine_at_least(value):
+        return lambda result: result["cosine"] >= value
+
+    bits, result, measured = mixed_bit.choose(path, measure, size, cosine_at_least(0.97), None)
+    assert bits == {"a": 4} and result["cosine"] == 0.975
     assert len(calls) == len(measured) < len(path)  # bisection, each recipe measured once
-    bits, cosine, _ = mixed_bit.choose(path, measure, lambda b: sizes[b["a"]], None, 5.0)
-    assert bits == {"a": 4} and cosine == 0.975
-    with pytest.raises(ConfigError, match="--min-cosine 0.9999: every layer at 8 bits already gives 0.9990"):
-        mixed_bit.choose(path, measure, None, 0.9999, None)
+    both = lambda r: r["cosine"] >= 0.97 and r["spearman_drop"] <= 0.2  # noqa: E731
+    assert mixed_bit.choose(path, measure, size, both, None)[0] == {"a": 6}
+    bits, result, _ = mixed_bit.choose(path, measure, size, None, 5.0)
+    assert bits == {"a": 4} and result["cosine"] == 0.975
+    with pytest.raises(ConfigError, match="every layer at 8 bits already misses the target: cosine 0.9990"):
+        mixed_bit.choose(path, measure, None, cosine_at_least(0.9999), None)
     with pytest.raises(ConfigError, match="--size-mb 0.5: even every layer at 1 bits is 1.00 MB"):
-        mixed_bit.choose(path, None, lambda b: sizes[b["a"]], None, 0.5)
+        mixed_bit.choose(path, None, size, None, 0.5)
 
 
 def test_refill_spends_a_big_step_down_on_the_layers_that_need_it():
@@ -148,11 +157,11 @@ def test_refill_spends_a_big_step_down_on_the_layers_that_need_it():
     assert all(size(bits) <= budget for bits in sequence)
     # choose() takes the refill when its first recipe meeting the cosine is smaller than the path's
     path = [{"big": 8, "small": 8}, {"big": 6, "small": 8}, {"big": 4, "small": 4}]
-    cosine_of = lambda bits: 1 - cost["big", bits["big"]] - cost["small", bits["small"]]  # noqa: E731
-    bits, cosine, _ = mixed_bit.choose(path, cosine_of, size, 0.9, None,
+    measure = lambda bits: {"cosine": 1 - cost["big", bits["big"]] - cost["small", bits["small"]]}  # noqa: E731
+    bits, result, _ = mixed_bit.choose(path, measure, size, lambda r: r["cosine"] >= 0.9, None,
                                        lambda start, budget: mixed_bit.refill(start, layers, cost, mixed_bit.BITS,
                                                                               budget))
-    assert bits == {"big": 4, "small": 8} and size(bits) < size(path[1]) and cosine >= 0.9
+    assert bits == {"big": 4, "small": 8} and size(bits) < size(path[1]) and result["cosine"] >= 0.9
 
 
 def test_mixed_bits_refuse_dkm_and_the_core_ml_side():
