@@ -44,10 +44,12 @@ def reproduced(reduced_run, tmp_path_factory) -> tuple[Path, subprocess.Complete
 
 def test_mixed_bit_recipe_from_the_cached_sensitivity(reproduced, tmp_path):
     """The generator on the real model's cached weights and sensitivity (structure:
-    two widths, four held-out pairs): a palettize config every layer is named in."""
+    two widths, one table per tensor, a few held-out pairs): a palettize config
+    every layer is named in."""
     project, _ = reproduced
     out = run([sys.executable, "-m", "stages.mixed_bit", "--size-mb", "8", "--bits", "2", "4", "--pairs", "4",
-               "--name", "mixed_test"], project)
+               "--check-pairs", "8", "--name", "mixed_test", "palettize.granularity=per_tensor",
+               "palettize.group_size=null"], project)
     assert "Run it: dvc exp run -S palettize=mixed_test" in out.stdout
     recipe = yaml.safe_load((project / "conf/palettize/mixed_test.yaml").read_text())
     assert len(recipe["layer_bits"]) == 3 + 6 * 6 and set(recipe["layer_bits"].values()) == {2, 4}
