@@ -382,9 +382,10 @@ def file_md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def recipe_text(base: PalettizeConfig, bits: dict[str, int], header: list[str]) -> str:
+def recipe_text(base: PalettizeConfig, bits: dict[str, int], header: list[str], tables: set[str]) -> str:
+    """The palettize section to write; ``tables``: the embedding layers' names."""
     section = {"method": base.method, **asdict(base)}  # method first, as in the other conf/palettize files
-    linear = [b for name, b in bits.items() if "embeddings" not in name] or list(bits.values())
+    linear = [b for name, b in bits.items() if name not in tables] or list(bits.values())
     section["n_bits"] = max(set(linear), key=linear.count)  # the fallback; every layer is named below
     section["layer_bits"] = dict(bits)
     body = yaml.safe_dump(section, sort_keys=False, width=120)
@@ -521,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Run it: dvc exp run -S palettize={args.name}",
     ]
     out = config.CONF_DIR / "palettize" / f"{args.name}.yaml"
-    out.write_text(recipe_text(base, bits, header), encoding="utf-8")
+    tables = {layer.name for layer in analysis.layers if layer.embedding}
+    out.write_text(recipe_text(base, bits, header, tables), encoding="utf-8")
     report = Path(args.report) / f"{args.name}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({

@@ -46,7 +46,9 @@ def find_indices_for_lut(data: np.ndarray, lut: np.ndarray, vector_axis: int | N
         return original(data, lut, vector_axis)
     parts = [original(data[start:start + step], lut if shared else lut[start // unit:(start + step) // unit],
                       vector_axis) for start in range(0, data.shape[0], step)]
-    return np.concatenate(parts)
+    # The packed width (uint4, uint6...) rides in the dtype's metadata, which concatenate drops; the
+    # converter's sparse look-up op (pruning + palettization) then refuses plain uint8 indices.
+    return np.concatenate(parts).view(parts[0].dtype)
 
 
 _SAVED: list = []  # coremltools' own find_indices_for_lut, kept before it is patched

@@ -59,6 +59,9 @@ TECHNIQUES = {
     "magnitude-2:4-int8": (PruneConfig(method="magnitude", target_sparsity=0.5, n_m_ratio=[2, 4]), OFF, quant(),
                            [SPARSE_SCALE, SPARSE]),
     "magnitude-kmeans-4bit": (MAGNITUDE, pal(), None, [LUT_SPARSE, SPARSE]),
+    # 3 and 6 bits: packed index widths other than 4 and 8 through the sparse look-up op (stages/precision.py)
+    "magnitude-kmeans-3bit": (MAGNITUDE, pal(n_bits=3), None, [LUT_SPARSE, SPARSE]),
+    "magnitude-kmeans-6bit": (MAGNITUDE, pal(n_bits=6), None, [LUT_SPARSE, SPARSE]),
     "sparse-gpt-int4-affine": (PruneConfig(method="sparse_gpt", target_sparsity=0.4), OFF,
                                quant(dtype="int4", scheme="affine"), [SPARSE_SCALE, SPARSE]),
     "magnitude-kmeans-per-channel-scale": (MAGNITUDE, pal(granularity="per_tensor", enable_per_channel_scale=True),
@@ -67,7 +70,11 @@ TECHNIQUES = {
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
-def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, tiny_bert, tmp_path):
+def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, tiny_bert, tmp_path, monkeypatch):
+    from stages import precision
+
+    # Row blocks as small as on the real model's big weights, so conversion takes that path here too.
+    monkeypatch.setattr(precision, "INDEX_SEARCH_ELEMENTS", 1 << 12)
     prune_cfg, palettize_cfg, quantize_cfg, chain = TECHNIQUES[name]
     check_combination({"prune": prune_cfg or PruneConfig(), "palettize": palettize_cfg,
                        "quantize": quantize_cfg or QuantizeConfig()})
@@ -92,7 +99,7 @@ def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, ti
                    if isinstance(m, torch.nn.Linear))
 
 
-@pytest.mark.parametrize("lut_shape", [(1, 1, 16, 1), (8, 1, 4, 1), (1, 4, 16, 1)])
+@pytest.mark.parametrize("lut_shape", [(1, 1, 16, 1), (8, 1, 4, 1), (1, 4, 16, 1), (4, 1, 64, 1), (1, 1, 8, 1)])
 def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
     import numpy as np
     from coremltools.optimize import _utils
@@ -107,8 +114,11 @@ def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
     calls = []
     original = precision._coremltools_index_search()
     monkeypatch.setattr(precision, "_SAVED", [lambda *args: calls.append(1) or original(*args)])
-    np.testing.assert_array_equal(precision.find_indices_for_lut(data, lut), expected)
-    assert len(calls) >= 8
+    found = precision.find_indices_for_lut(data, lut)
+    np.testing.assert_array_equal(found, expected)
+    # The packed width (uint3, uint6...) rides in the dtype's metadata; the sparse look-up op needs it.
+    assert found.dtype == expected.dtype and found.dtype.metadata == expected.dtype.metadata
+    assert len(calls) >= 4  # many row blocks (4: one per row group of the (4, 1, 64, 1) tables)
     with precision.bounded_index_search():
         assert _utils.find_indices_for_lut is precision.find_indices_for_lut
         np.testing.assert_array_equal(_utils.find_indices_for_lut(data, lut), expected)
