@@ -108,7 +108,7 @@ def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str
                                                 "metrics", "coreml")})
     except (ConfigError, RuntimeError) as exc:
         result["error"] = str(exc).strip().splitlines()[0] if isinstance(exc, ConfigError) else str(exc)[-2000:]
-        log.error("experiment %s failed: %s", name, result["error"].splitlines()[0])
+        log.error("experiment %s failed: %s", name, headline(result["error"]))
     result["objective"] = objective(sweep.objective, result.get("metrics"))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -118,6 +118,16 @@ def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str
                  m["package_bytes"] / 1e6, m["sts_spearman"], m["mean_cosine"],
                  "met" if m["meets_target"] else "missed", ", ".join(result["stages_run"]) or "nothing")
     return result
+
+
+def headline(error: str) -> str:
+    """The line of a failed experiment's output that says why: its last exception line
+    (DVC's own "failed to reproduce" lines come after it and say only which stage)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception)\b[^:]*:", line) or line.startswith("config error:"):
+            return line
+    return lines[-1] if lines else ""
 
 
 def summary_rows(sweep_dir: Path) -> list[dict]:
@@ -140,7 +150,8 @@ def summary_markdown(rows: list[dict]) -> str:
         m = r.get("metrics")
         if not m:
             reason = r.get("error") or f"timed out after {r.get('timed_out')} s"
-            lines.append(f"| {r['name']} | {overrides} | failed: {reason.splitlines()[0][:120]} | | | | | | |")
+            reason = headline(reason).replace("|", "/")[:160]
+            lines.append(f"| {r['name']} | {overrides} | failed: {reason} | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {overrides} | {m['package_bytes'] / 1e6:.2f} | {m['size_ratio']:.3f} "
                      f"| {m['sts_spearman']:.2f} | {m['mean_cosine']:.4f} | {'met' if m['meets_target'] else 'missed'} "

@@ -126,3 +126,14 @@ def test_dvc_output_reaches_the_progress_callback_line_by_line(caplog):
     show("some unrelated line")
     assert [r.getMessage() for r in caplog.records] == ["[sweep-x] 12:00:00 pipeline.palettize stage=palettize start"]
     assert experiments.stages_run("a stage=palettize start\nRunning stage 'validate':") == ["palettize", "validate"]
+
+
+def test_a_failed_experiment_is_summarised_by_its_exception_line():
+    from stages.sweep import headline
+
+    output = ('  File "converter.py", line 1113, in _construct_palettization_op\n'
+              "ValueError: Invalid parameter 'indices'; ... should be uint6, but got uint8.\n"
+              "ERROR: failed to reproduce 'convert': failed to run: python -m stages.convert, exited with 1\n")
+    assert headline(output) == "ValueError: Invalid parameter 'indices'; ... should be uint6, but got uint8."
+    assert headline("config error: palettize.n_bits=5 is not allowed") == "config error: palettize.n_bits=5 is not allowed"
+    assert headline("something else\n") == "something else"
