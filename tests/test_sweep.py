@@ -137,3 +137,13 @@ def test_a_failed_experiment_is_summarised_by_its_exception_line():
     assert headline(output) == "ValueError: Invalid parameter 'indices'; ... should be uint6, but got uint8."
     assert headline("config error: palettize.n_bits=5 is not allowed") == "config error: palettize.n_bits=5 is not allowed"
     assert headline("something else\n") == "something else"
+
+
+def test_report_labels_a_mixed_bit_recipe_by_its_widths():
+    from stages.report import recipe_label
+
+    reference = {"palettize.n_bits": 4, "palettize.group_size": 4, "palettize.layer_bits": None}
+    mixed = {"palettize.n_bits": 4, "palettize.group_size": 16, "palettize.layer_bits.encoder.layer.0.output.dense": 6,
+             "palettize.layer_bits.embeddings.word_embeddings": 2, "palettize.layer_bits.encoder.layer.1.output.dense": 6}
+    assert recipe_label(mixed, reference) == ("palettize.group_size=16 "
+                                              "palettize.layer_bits=(3 layers: 2-bit 1, 6-bit 2)")
