@@ -39,7 +39,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +80,9 @@ def _assign(points: np.ndarray, centroids: np.ndarray, shift: np.ndarray) -> np.
     return local + np.repeat(np.arange(groups) * k, per_group)
 
 
-def _bin(values: np.ndarray, mass: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each group as ``bins`` equal-width bins: (weighted mean, total mass) per bin, and
-    the cube-root-density starting table; big groups (the embedding tables) then cost
+def _bin(values: np.ndarray, mass: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Each group as ``bins`` equal-width bins: the weighted mean and total mass per bin,
+    and (low, width) of the groups' ranges. Big groups (the embedding tables) then cost
     ``bins`` per Lloyd step instead of their size."""
     groups = values.shape[0]
     low, high = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
@@ -406,8 +406,7 @@ def package_overhead(layers: list[Layer], params: dict, metrics_path: Path) -> f
              and params["prune"].method == "none" and params["finetune"].method == "none")
     if plain and "package_bytes" in metrics:
         group = palettize.group_size if palettize.granularity == "per_grouped_channel" else None
-        own = sum(layer_bytes(Layer(layer.name, layer.numel, layer.channels // group if group else 1,
-                                    layer.embedding, layer.channels),
+        own = sum(layer_bytes(replace(layer, groups=layer.channels // group if group else 1),
                               layer_n_bits(palettize, layer.name, layer.embedding)) for layer in layers)
         return metrics["package_bytes"] - own
     if "float16_package_bytes" in metrics:
@@ -472,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
                         widths, log)
     # The per-layer costs take most of the time (one forward pass per layer and width);
     # a second goal over the same inputs and base reuses them.
-    key_parts = [file_md5(Path(args.weights)), file_md5(Path(args.sensitivity)), widths, args.pairs,
+    weights_md5, sensitivity_md5 = file_md5(Path(args.weights)), file_md5(Path(args.sensitivity))
+    key_parts = [weights_md5, sensitivity_md5, widths, args.pairs,
                  {name: repr(composed[name]) for name in ("model", "data", "calibrate")},
                  {k: v for k, v in asdict(base).items() if k not in ("n_bits", "layer_bits", "num_kmeans_workers")}]
     cache = COST_CACHE / f"{hashlib.md5(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()}.json"
@@ -511,9 +511,9 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         f"Mixed-bit recipe written by `python -m stages.mixed_bit {goal_text} --name {args.name}"
         + "".join(f" {o}" for o in args.overrides) + "`.",
-        f"Inputs: {args.weights} md5 {file_md5(Path(args.weights))}, {args.sensitivity} md5 "
-        f"{file_md5(Path(args.sensitivity))}; held-out dev pairs: {len(analysis.sentences) // 2} for the per-layer "
-        f"costs, {len(analysis.check_pairs)} for whole recipes.",
+        f"Inputs: {args.weights} md5 {weights_md5}, {args.sensitivity} md5 {sensitivity_md5}; held-out dev "
+        f"pairs: {len(analysis.sentences) // 2} for the per-layer costs, {len(analysis.check_pairs)} for whole "
+        "recipes.",
         f"Estimate: {mean_bits:.2f} bits per weight on average, palettized weights {weights_mb:.2f} MB"
         + (f", package about {size_of(bits) / 1e6:.2f} MB" if overhead is not None else "")
         + f"; layers per width {', '.join(f'{b}-bit: {n}' for b, n in histogram.items() if n)}.",

@@ -62,7 +62,7 @@ def palettized_layers(model: torch.nn.Module, cfg: PalettizeConfig) -> list[tupl
     return layers
 
 
-def palettizer_config(cfg: PalettizeConfig, model: torch.nn.Module | None = None) -> dict:
+def palettizer_config(cfg: PalettizeConfig, model: torch.nn.Module) -> dict:
     embeddings = cfg.embeddings
     options = {
         "global_config": module_config(cfg),
@@ -225,8 +225,7 @@ def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, tor
     and round to what the package stores."""
     log = log or runtime.log
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
-    palettized_layers(model, cfg)  # a layer_bits key that matches nothing fails before any k-means
-    model = palettize(model, cfg, sensitivity)
+    model = palettize(model, cfg, sensitivity)  # resolves layer_bits (palettized_layers) before any k-means
     check_all_palettized(model, cfg)
     repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
     if repalettized:

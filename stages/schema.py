@@ -443,12 +443,12 @@ def check_combination(sections: dict[str, Any]) -> None:
     mixed = palettize is not None and bool(palettize.layer_bits)
     if method == "dkm" and mixed:
         fail("finetune.method", method, "allowed with palettize.layer_bits={} only (DKM trains one bit width)")
-    if mixed and sections.get("coreml") is not None and sections["coreml"].enabled:
-        fail("coreml.enabled", True, "allowed: false with palettize.layer_bits (the Core ML side configures "
-             "ops by type, not by layer)")
     if method == "gradual_prune" and prune is not None and prune.method != "none":
         fail("finetune.method", method, f"prunes while training; set prune.method=none (got {prune.method})")
     coreml = sections.get("coreml")
+    if mixed and coreml is not None and coreml.enabled:
+        fail("coreml.enabled", True, "allowed: false with palettize.layer_bits (the Core ML side configures "
+             "ops by type, not by layer)")
     if coreml is not None and coreml.enabled:
         for key in ("prune", "palettize", "quantize"):
             own = sections.get(key)

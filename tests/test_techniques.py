@@ -99,7 +99,7 @@ def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, ti
                    if isinstance(m, torch.nn.Linear))
 
 
-@pytest.mark.parametrize("lut_shape", [(1, 1, 16, 1), (8, 1, 4, 1), (1, 4, 16, 1), (4, 1, 64, 1), (1, 1, 8, 1)])
+@pytest.mark.parametrize("lut_shape", [(1, 1, 16, 1), (8, 1, 4, 1), (1, 4, 16, 1), (8, 1, 64, 1), (1, 1, 8, 1)])
 def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
     import numpy as np
     from coremltools.optimize import _utils
@@ -118,7 +118,7 @@ def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
     np.testing.assert_array_equal(found, expected)
     # The packed width (uint3, uint6...) rides in the dtype's metadata; the sparse look-up op needs it.
     assert found.dtype == expected.dtype and found.dtype.metadata == expected.dtype.metadata
-    assert len(calls) >= 4  # many row blocks (4: one per row group of the (4, 1, 64, 1) tables)
+    assert len(calls) >= 8
     with precision.bounded_index_search():
         assert _utils.find_indices_for_lut is precision.find_indices_for_lut
         np.testing.assert_array_equal(_utils.find_indices_for_lut(data, lut), expected)
