@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     weights_md5, sensitivity_md5 = file_md5(Path(args.weights)), file_md5(Path(args.sensitivity))
     key_parts = [weights_md5, sensitivity_md5, widths, args.pairs,
                  {name: repr(composed[name]) for name in ("model", "data", "calibrate")},
-                 {k: v for k, v in asdict(base).items() if k not in ("n_bits", "layer_bits", "num_kmeans_workers")}]
+                 {k: v for k, v in asdict(base).items() if k not in ("n_bits", "layer_bits", "num_kmeans_workers", "kmeans_solver")}]
     cache = COST_CACHE / f"{hashlib.md5(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()}.json"
     if cache.is_file():
         cost = {(name, int(b)): c for name, b, c in json.loads(cache.read_text())}

@@ -90,18 +90,65 @@ def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[st
         return model
     if cfg.method == "uniform":
         return uniform_palettize(model, cfg)
+    if cfg.method == "sensitive_kmeans" and sensitivity is None:
+        raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")
+    if cfg.kmeans_solver == "exact_dp":
+        return exact_palettize(model, cfg, sensitivity if cfg.method == "sensitive_kmeans" else None)
     options = palettizer_config(cfg, model)
     if cfg.method == "kmeans":
         palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options))
         return palettizer.compress(num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
-    if sensitivity is None:
-        raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")
     palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(options))
     with tempfile.TemporaryDirectory() as tmp:
         # SKMPalettizer reads sensitivities only from a torch.save file.
         path = Path(tmp) / "sensitivity.pt"
         torch.save(sensitivity, path)
         return palettizer.compress(sensitivity_path=str(path), num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
+
+
+def _grouped(weight: np.ndarray, axis: int, group: int) -> np.ndarray:
+    """(groups, values) with each group's channels along ``axis`` contiguous, as coremltools groups them."""
+    moved = np.moveaxis(weight, axis, 0)
+    return np.ascontiguousarray(moved).reshape(moved.shape[0] // group, -1)
+
+
+def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
+                    sensitivity: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """k-means palettization with palettize.kmeans_solver=exact_dp.
+
+    The same grouping, weighting and table layout as PostTrainingPalettizer /
+    SKMPalettizer, but every group's table is the optimal weighted 1-D k-means
+    from stages.exact_kmeans (all groups of a layer at once, on
+    num_kmeans_workers threads). coremltools has no hook for its torch-side
+    k-means, so the metadata its palettizers register (look-up table,
+    compression type, metadata version) is registered here, and ct.convert
+    reads it unchanged."""
+    from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata, register_metadata_version
+
+    from stages.exact_kmeans import cluster_groups
+
+    for name, module in palettized_layers(model, cfg):
+        embedding = isinstance(module, torch.nn.Embedding)
+        axis = cfg.embeddings.channel_axis if embedding else 0
+        weight = module.weight.detach().numpy().astype(np.float32)
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
+        if weight.shape[axis] % group:
+            continue  # left uncompressed, as coremltools does; check_all_palettized names it
+        importance = None
+        if sensitivity is not None:
+            importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis, group)
+        centroids, labels = cluster_groups(_grouped(weight, axis, group), 2 ** layer_n_bits(cfg, name, embedding),
+                                           importance, threads=cfg.num_kmeans_workers)
+        lut = centroids.astype(np.float32)  # coremltools also casts its float64 centroids to the weight's dtype
+        moved_shape = np.moveaxis(weight, axis, 0).shape
+        values = np.take_along_axis(lut, labels, axis=1).reshape(moved_shape)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.moveaxis(values, 0, axis))))
+        table = torch.from_numpy(lut)  # (groups, 2**n) -> (groups, 1, 2**n, 1) or (1, groups, 2**n, 1)
+        table = table[:, None, :, None] if axis == 0 else table[None, :, :, None]
+        CompressionMetadata(param_name="weight", lut=table, compression_type=["palettization"]).register(module)
+    register_metadata_version(model)
+    return model
 
 
 def uniform_palettize(model: torch.nn.Module, cfg: PalettizeConfig) -> torch.nn.Module:

@@ -22,6 +22,7 @@ GRANULARITIES = ("per_tensor", "per_grouped_channel")
 # none: weights pass through (e.g. for linear quantization instead).
 # uniform: evenly spaced look-up table between each group's min and max (coremltools' "uniform" mode).
 PALETTIZE_METHODS = ("none", "kmeans", "sensitive_kmeans", "uniform")
+KMEANS_SOLVERS = ("coremltools", "exact_dp")
 QUANTIZE_METHODS = ("none", "linear", "gptq")
 FINETUNE_METHODS = ("none", "dkm", "qat", "gradual_prune")
 QUANTIZE_DTYPES = ("int8", "uint8", "int4", "uint4")
@@ -197,6 +198,9 @@ class PalettizeConfig(TensorPaletteConfig):
     # in conf/ so that a plain Hydra override `palettize.layer_bits={...}` can replace it.
     # `python -m stages.mixed_bit` writes these.
     layer_bits: Optional[Dict[str, int]] = None
+    # Who computes the k-means look-up tables: coremltools (the reference), or exact_dp
+    # (stages/exact_kmeans.py: the optimal 1-D k-means, several times faster; see README).
+    kmeans_solver: str = "coremltools"
 
     def __post_init__(self) -> None:
         self.layer_bits = dict(self.layer_bits or {})
@@ -217,6 +221,16 @@ class PalettizeConfig(TensorPaletteConfig):
         if self.method == "uniform" and (self.cluster_dim > 1 or self.enable_per_channel_scale or self.lut_dtype):
             fail(f"{prefix}.method", self.method,
                  "uniform look-up tables take no cluster_dim, enable_per_channel_scale or lut_dtype (coremltools)")
+        _check_choice(f"{prefix}.kmeans_solver", self.kmeans_solver, KMEANS_SOLVERS)
+        if self.kmeans_solver == "exact_dp":
+            if self.method not in ("kmeans", "sensitive_kmeans"):
+                fail(f"{prefix}.kmeans_solver", self.kmeans_solver,
+                     f"allowed with method=kmeans or sensitive_kmeans (got method={self.method}): coremltools")
+            for key, value, default in (("cluster_dim", self.cluster_dim, 1), ("lut_dtype", self.lut_dtype, None),
+                                        ("enable_per_channel_scale", self.enable_per_channel_scale, False)):
+                if value != default:
+                    fail(f"{prefix}.kmeans_solver", self.kmeans_solver,
+                         f"allowed with {prefix}.{key}={default} only (got {value}): use kmeans_solver=coremltools")
         if self.cluster_dim > 1 and self.method == "sensitive_kmeans":
             fail(f"{prefix}.cluster_dim", self.cluster_dim, "allowed: 1 with method=sensitive_kmeans; use kmeans")
 
@@ -443,6 +457,9 @@ def check_combination(sections: dict[str, Any]) -> None:
     mixed = palettize is not None and bool(palettize.layer_bits)
     if method == "dkm" and mixed:
         fail("finetune.method", method, "allowed with palettize.layer_bits={} only (DKM trains one bit width)")
+    if method == "dkm" and palettize is not None and palettize.kmeans_solver != "coremltools":
+        fail("palettize.kmeans_solver", palettize.kmeans_solver,
+             "allowed with finetune.method=dkm: coremltools (DKM learns its own tables)")
     if method == "gradual_prune" and prune is not None and prune.method != "none":
         fail("finetune.method", method, f"prunes while training; set prune.method=none (got {prune.method})")
     coreml = sections.get("coreml")

@@ -28,6 +28,7 @@ REDUCED_OVERRIDES = [
     "palettize.group_size=32",
     # Mixed bits: one layer's look-up tables differ in size from the rest through conversion.
     "palettize.layer_bits={encoder.layer.5.output.dense:3}",
+    "palettize.kmeans_solver=exact_dp",  # the optimal k-means through every stage (tests/test_exact_kmeans.py)
 ]
 
 PROJECT_FILES = ["dvc.yaml", "stages", "conf", "data", ".dvc/config", ".dvcignore"]

@@ -44,6 +44,10 @@ TECHNIQUES = {
     "kmeans-6bit-g16": (None, pal(n_bits=6), None, [LUT]),
     "kmeans-8bit-per-tensor": (None, pal(n_bits=8, granularity="per_tensor"), None, [LUT]),
     "sensitive-kmeans-3bit-g16": (None, pal(method="sensitive_kmeans", n_bits=3), None, [LUT]),
+    # The optimal k-means of stages/exact_kmeans.py, registered as coremltools' own metadata.
+    "exact-dp-sensitive-4bit-g16": (None, pal(method="sensitive_kmeans", kmeans_solver="exact_dp"), None, [LUT]),
+    "exact-dp-kmeans-8bit-per-tensor": (None, pal(n_bits=8, granularity="per_tensor", kmeans_solver="exact_dp"), None,
+                                        [LUT]),
     "uniform-3bit-g16": (None, pal(method="uniform", n_bits=3), None, [LUT]),
     "kmeans-per-channel-scale": (None, pal(granularity="per_tensor", enable_per_channel_scale=True), None, [SCALE, LUT]),
     "kmeans-int8-lut": (None, pal(lut_dtype="int8"), None, [SCALE, LUT]),
@@ -64,6 +68,7 @@ TECHNIQUES = {
     "magnitude-kmeans-6bit": (MAGNITUDE, pal(n_bits=6), None, [LUT_SPARSE, SPARSE]),
     "sparse-gpt-int4-affine": (PruneConfig(method="sparse_gpt", target_sparsity=0.4), OFF,
                                quant(dtype="int4", scheme="affine"), [SPARSE_SCALE, SPARSE]),
+    "magnitude-exact-dp-4bit": (MAGNITUDE, pal(kmeans_solver="exact_dp"), None, [LUT_SPARSE, SPARSE]),
     "magnitude-kmeans-per-channel-scale": (MAGNITUDE, pal(granularity="per_tensor", enable_per_channel_scale=True),
                                            None, [LUT_SPARSE, SPARSE, SCALE]),
 }

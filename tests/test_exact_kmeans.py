@@ -1,0 +1,144 @@
+"""The optimal 1-D k-means (stages/exact_kmeans.py) and palettize.kmeans_solver=exact_dp.
+
+coremltools' kmeans1d is the reference: on the same (weighted) data the exact
+solver must reach the same optimal cost, and through the palettize stage the
+same look-up tables and metadata as SKMPalettizer wherever every weight has
+some importance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from stages import palettize
+from stages.exact_kmeans import cluster_groups, weighted_error
+from stages.schema import ConfigError, PalettizeConfig, validate
+
+
+def kmeans1d_error(values: np.ndarray, k: int, weights: np.ndarray | None) -> float:
+    from coremltools._deps import _kmeans1d
+
+    result = _kmeans1d.cluster(values, k, weights=weights)
+    centroids, labels = np.asarray(result.centroids), np.asarray(result.clusters)
+    return float((((centroids[labels] - values) ** 2) * (1.0 if weights is None else weights)).sum())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_same_optimal_cost_as_coremltools_kmeans1d(weighted):
+    """Ties, duplicates and groups with fewer distinct values than k included."""
+    generator = np.random.default_rng(1)
+    for trial in range(40):
+        n, k = int(generator.integers(1, 400)), int(generator.choice([2, 3, 16, 64, 256]))
+        # Rounded values: many ties, and groups with fewer distinct values than k.
+        values = np.round(generator.standard_t(4, size=(3, n)), int(generator.integers(0, 4)))
+        weights = generator.random((3, n)) + 1e-3 if weighted else None
+        centroids, labels = cluster_groups(values, k, weights)
+        assert centroids.shape == (3, k) and labels.shape == (3, n)
+        for group in range(3):
+            w = None if weights is None else weights[group]
+            expected = kmeans1d_error(values[group], k, w)
+            got = weighted_error(values[group:group + 1], centroids[group:group + 1], labels[group:group + 1],
+                                 None if w is None else w[None])
+            assert got == pytest.approx(expected, rel=1e-9, abs=1e-12), (trial, group, n, k)
+            distinct = len(np.unique(values[group]))
+            used = centroids[group, :min(k, distinct)]
+            assert np.all(np.diff(used) >= 0) and np.all(centroids[group, min(k, distinct):] == 0)
+
+
+def test_zero_importance_never_worse_than_kmeans1d_and_never_nan():
+    """Sensitivities are often exactly zero (no gradient reached a weight). kmeans1d
+    then returns NaN centroids (a cluster of total weight zero) or a worse partition;
+    the exact solver stays finite and at or below kmeans1d's cost."""
+    generator = np.random.default_rng(2)
+    worse = nan = 0
+    for trial in range(40):
+        n, k = int(generator.integers(20, 300)), int(generator.choice([4, 16]))
+        values = np.round(generator.normal(size=(1, n)), 2)
+        weights = generator.random((1, n)) * (generator.random((1, n)) > 0.4)
+        centroids, labels = cluster_groups(values, k, weights)
+        assert np.isfinite(centroids).all()
+        got, expected = weighted_error(values, centroids, labels, weights), kmeans1d_error(values[0], k, weights[0])
+        nan += int(np.isnan(expected))
+        if not np.isnan(expected):
+            assert got <= expected * (1 + 1e-9) + 1e-12, trial
+            worse += int(got < expected * (1 - 1e-6))
+    assert nan + worse > 0  # the case is real: kmeans1d fails on some of these groups
+
+
+def test_values_without_importance_take_their_nearest_entry():
+    """A zero-importance value (an embedding row no calibration token used) costs
+    nothing anywhere; coremltools' kmeans1d leaves it in whatever segment the
+    optimum's boundaries put it, the exact solver gives it the nearest entry."""
+    values = np.array([[-1.0, -0.9, -0.2, -0.1, 0.3, 1.0, 1.1]])
+    weights = np.array([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]])
+    centroids, labels = cluster_groups(values, 2, weights)
+    np.testing.assert_allclose(centroids[0], [-0.95, 1.05])
+    assert labels[0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="non-negative"):
+        cluster_groups(np.ones((1, 4)), 2, -np.ones((1, 4)))
+    with pytest.raises(ValueError, match="groups, n"):
+        cluster_groups(np.ones(4), 2)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("embed", torch.nn.Embedding(50, 32))
+    model.add_module("dense", torch.nn.Linear(32, 48))
+    return model
+
+
+def test_exact_dp_registers_the_tables_skm_palettizer_would(tmp_path):
+    """Positive importance everywhere: the optimum is unique, so the exact solver's
+    weights, tables, compression types and metadata version equal SKMPalettizer's."""
+    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1)
+    generator = torch.Generator().manual_seed(0)
+    model = tiny_model()
+    sensitivity = {f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
+                   for name, m in model.named_children()}
+    reference = palettize.palettize(tiny_model(), cfg, sensitivity).state_dict()
+    exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp"), sensitivity)
+    exact = exact.state_dict()
+    assert sorted(exact) == sorted(reference)
+    for key, value in reference.items():
+        assert exact[key].shape == value.shape and exact[key].dtype == value.dtype, key
+        torch.testing.assert_close(exact[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_exact_dp_data_free_error_is_never_above_coremltools():
+    """Data-free, coremltools rounds weights to 4 decimals before its k-means
+    (enable_fast_kmeans_mode); the exact solver clusters the weights themselves."""
+    cfg = PalettizeConfig(method="kmeans", n_bits=6, group_size=16, num_kmeans_workers=1)
+    original = tiny_model()
+    reference = palettize.palettize(tiny_model(), cfg)
+    exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp"))
+    for name in ("embed", "dense"):
+        weight = getattr(original, name).weight.detach()
+        reference_weight, exact_weight = getattr(reference, name).weight.detach(), getattr(exact, name).weight.detach()
+        error_reference = float(((reference_weight - weight) ** 2).sum())
+        error_exact = float(((exact_weight - weight) ** 2).sum())
+        assert error_exact <= error_reference * (1 + 1e-9), name
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"method": "uniform"}, "method=kmeans or sensitive_kmeans"),
+    ({"cluster_dim": 2, "method": "kmeans"}, "cluster_dim=1 only"),
+    ({"lut_dtype": "int8"}, "lut_dtype=None only"),
+    ({"kmeans_solver": "fast"}, "coremltools, exact_dp"),
+])
+def test_exact_dp_refuses_what_it_does_not_compute(override, message):
+    from stages.config import compose_text
+    import yaml
+
+    params = yaml.safe_load(compose_text(["palettize.kmeans_solver=exact_dp"]))
+    params["palettize"].update(override)
+    with pytest.raises(ConfigError, match="palettize.kmeans_solver") as error:
+        validate(params)
+    assert message in str(error.value)
