@@ -91,8 +91,13 @@ def measure(change: str = "palettize.group_size=8") -> dict:
     }
 
 
-def main() -> None:
-    result = measure()
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--change", default="palettize.group_size=8", help="the one-parameter change to rerun")
+    args = parser.parse_args(argv)
+    result = measure(args.change)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("cold", "plain_script", "downstream")}, indent=2))

@@ -18,18 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING
 
 from stages import config, runtime
-from stages.convert import find_weight, load_program, package_bytes, package_weights, save_package
-from stages.data import eval_pairs
-from stages.evaluate import fidelity, sts_spearman
-from stages.model import encode, load_float_model, load_tokenizer
 from stages.schema import CoremlConfig, PalettizeConfig, PruneConfig, QuantizeConfig
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, transformers and coremltools are imported where used: with coreml.enabled
+# false (the default) the stage only records that, in under a second (bench/pipeline.py).
 
 DATA_FREE = {"sensitive_kmeans": "kmeans", "sparse_gpt": "magnitude", "gptq": "linear"}
 QUANT_MODES = {"symmetric": "linear_symmetric", "affine": "linear"}
@@ -102,6 +104,10 @@ def compress(package: Path, steps, log):
 
 def load_decoded(bert: torch.nn.Module, package: Path) -> int:
     """Copy every weight the package holds, decoded, into ``bert``; returns how many."""
+    import torch
+
+    from stages.convert import find_weight, load_program, package_weights
+
     weights = package_weights(load_program(package))
     loaded = 0
     with torch.no_grad():
@@ -124,7 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "coreml", "evaluate"), args.params)
     cfg: CoremlConfig = params["coreml"]
-    log = runtime.setup("coreml_compress")
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -132,8 +137,17 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.enabled:
         (out / "README").write_text("coreml.enabled is false: no Core ML-side package\n", encoding="utf-8")
         runtime.write_json({"enabled": False}, args.metrics)
-        log.info("coreml.enabled is false; nothing to do")
+        # The start line sweeps count stages by (runtime.setup would import torch just to log it).
+        print("stage=coreml_compress start: coreml.enabled is false; nothing to do", file=sys.stderr)
         return
+    from safetensors.torch import load_file
+
+    from stages.convert import package_bytes, save_package
+    from stages.data import eval_pairs
+    from stages.evaluate import fidelity, sts_spearman
+    from stages.model import encode, load_float_model, load_tokenizer
+
+    log = runtime.setup("coreml_compress")
     steps, notes = plan(cfg.prune, cfg.palettize, cfg.quantize, cfg)
     if not steps:
         raise ValueError("coreml.enabled: the recipe compresses nothing (prune, palettize and quantize are all none)")

@@ -56,6 +56,22 @@ def test_sensitivity_covers_every_compressed_weight(tiny_bert):
     assert cosine_loss(model, pair_batches(1)[0]).ndim == 0
 
 
+def test_sensitivity_equals_skm_palettizers_own(tiny_bert, tmp_path):
+    """The stage computes SKMPalettizer.compute_sensitivity's values in place (a third
+    of its memory); they must be the same numbers, bit for bit."""
+    from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
+
+    batches = pair_batches(3)
+    model = tiny_bert()
+    skm = SKMPalettizer(model, SKMPalettizerConfig.from_dict({"calibration_nsamples": len(batches)}))
+    reference = skm.compute_sensitivity(batches, cosine_loss, sensitivity_path=str(tmp_path / "s.pt"))
+    values = sensitivity(tiny_bert(), batches)
+    assert values and set(values) <= set(reference)
+    for name, value in values.items():
+        assert torch.equal(value, reference[name]), name
+    assert all(float(v.min()) >= 1e-12 for v in values.values())
+
+
 @pytest.mark.parametrize("method", ["kmeans", "sensitive_kmeans"])
 def test_grouped_palettization_includes_the_word_embedding(tiny_bert, method):
     # 1000 rows do not divide by 16: coremltools alone would skip the word embedding.

@@ -17,9 +17,11 @@ def _record() -> None:
 
     import psutil
 
+    import multiprocessing
+
     script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if script is None or script.parent.name != "stages":
-        return  # dvc itself, or a worker process
+    if script is None or script.parent.name != "stages" or multiprocessing.parent_process() is not None:
+        return  # dvc itself, or a k-means worker process (spawned workers re-run the stage's module)
     line = {"stage": script.stem, "seconds": round(time.time() - psutil.Process().create_time(), 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}

@@ -1,0 +1,149 @@
+"""All benchmarks of this machine, and the report README quotes.
+
+    python -m bench                          # pipeline, scaling, kmeans (about an hour on 2 cores)
+    python -m bench --parts kmeans           # one part; the report uses every stored result
+    python -m bench --report                 # only rebuild bench/results/bench.md and README's section
+
+Parts (each also runs alone as `python -m bench.<part>`): pipeline (what DVC
+costs: cold / no-op / downstream-only / switch-back, per-stage time and peak
+memory, against a plain one-process script), scaling (palettize, calibrate,
+convert on 10 M / 50 M / 200 M synthetic stacks), kmeans (coremltools' k-means
+against palettize.kmeans_solver=exact_dp). Targets are checked in the report,
+not in tests (timings are not pass/fail material on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("pipeline", "scaling", "kmeans")
+
+
+def machine() -> str:
+    import psutil
+
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}")
+
+
+def load(part: str) -> dict | None:
+    path = RESULTS / f"{part}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "**misses**"
+
+
+def pipeline_md(r: dict) -> list[str]:
+    cold, plain, down, back = r["cold"], r["plain_script"], r["downstream"], r["switch_back"]
+    lines = ["Default recipe on a fresh clone (empty DVC cache and run-cache). Per stage: wall time of the stage's "
+             "process (interpreter start and imports included) and its peak resident memory (largest k-means "
+             "worker beside it).", "",
+             "| stage (cold `dvc repro`) | wall s | peak RSS MB | worker peak MB |", "|---|---:|---:|---:|"]
+    for s in cold["stages"]:
+        lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_mb']:,} | {s['worker_peak_rss_mb']:,} |")
+    stage_sum = sum(s["seconds"] for s in cold["stages"])
+    lines += [f"| **sum of stages** | **{stage_sum:.1f}** | | |", "",
+              "| measurement | wall s | stages that ran | target |", "|---|---:|---|---|"]
+    ratio = r["overhead_ratio"]
+    lines.append(f"| plain script, one process (bench/plain_script.py) | {plain['seconds']:.1f} | all, in one process "
+                 f"| |")
+    lines.append(f"| cold `dvc repro` | {cold['seconds']:.1f} | {len(cold['stages'])} stages | overhead "
+                 f"{100 * (ratio - 1):+.1f}% vs the plain script (target <= +10%): {verdict(ratio <= 1.10)} |")
+    lines.append(f"| no-op `dvc repro` (median of 3) | {r['noop_median_seconds']:.2f} | "
+                 f"{', '.join(r['noop_stages_run']) or 'none'} | < 2 s: {verdict(r['noop_median_seconds'] < 2)} |")
+    ran = ", ".join(s["stage"] for s in down["stages"])
+    lines.append(f"| after `{r['change']}` | {down['seconds']:.1f} | {ran} (own time {r['downstream_stage_seconds']:.1f} s)"
+                 f" | <= stages + 2 s: {verdict(r['downstream_overhead_seconds'] <= 2)} "
+                 f"({r['downstream_overhead_seconds']:+.1f} s) |")
+    lines.append(f"| switched back (run-cache) | {back['seconds']:.1f} | "
+                 f"{', '.join(s['stage'] for s in back['stages']) or 'none: restored'} | nothing recomputed: "
+                 f"{verdict(not back['stages'])} |")
+    same = r["same_metrics"]
+    lines += ["", "Both produce the same model: " + ", ".join(
+        f"{k} {a} / {b}" for k, (a, b) in same.items()) + " (plain script / pipeline)."]
+    return lines
+
+
+def scaling_md(r: dict) -> list[str]:
+    lines = ["Synthetic stacks of 2048 x 2048 linear layers (random weights). Memory: peak of the whole process tree "
+             "(k-means workers included) minus the footprint after imports, and that as a multiple of the stack's "
+             "float32 size (target <= 2.5).", "",
+             "| parameters | step | s | s per M params | peak above footprint MB | x float32 | target |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    for row in r["rows"]:
+        if "failed" in row:
+            lines.append(f"| {row['layers']} layers | {row['step']} | failed: {' '.join(row['failed'])} | | | | |")
+            continue
+        lines.append(f"| {row['params_m']} M | {row['step']} | {row['seconds']:.1f} | {row['seconds_per_m_params']:.3f} "
+                     f"| {row['peak_above_footprint_mb']:,} | {row['ratio_to_float32']:.2f} | "
+                     f"{verdict(row['ratio_to_float32'] <= 2.5)} |")
+    lines += ["", "Linear fit of time against parameters, extrapolated to a 2.6 B-parameter UNet:", ""]
+    for step, fit in r["extrapolation_2_6b"].items():
+        lines.append(f"- {step}: {fit['seconds_per_m_params']:.3f} s per M parameters, about "
+                     f"{fit['seconds_at_2600m'] / 60:.0f} min at 2.6 B")
+    return lines
+
+
+def kmeans_md(r: dict) -> list[str]:
+    lines = ["Same weights (the default model after calibrate), same grouping. Error: the objective each k-means "
+             "minimises (sensitivity-weighted squared error for sensitive k-means, plain for data-free), as a ratio "
+             "to exact_dp's; worst layer: the largest per-layer ratio.", "",
+             "| case | coremltools x1 s | coremltools x2 s | exact_dp x1 s | exact_dp x2 s | speed-up (x2 vs x2) "
+             "| coremltools error ratio (worst layer) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for case in r["cases"]:
+        runs = case["runs"]
+        ct, ex = runs["coremltools x2"], runs["exact_dp x2"]
+        lines.append(f"| {case['case']} | {runs['coremltools x1']['seconds']:.1f} | {ct['seconds']:.1f} | "
+                     f"{runs['exact_dp x1']['seconds']:.1f} | {ex['seconds']:.1f} | {ct['seconds'] / ex['seconds']:.1f}x "
+                     f"| {ct['error_ratio']:.4f} ({ct['worst_layer_ratio']:.4f}) |")
+    if r.get("metrics"):
+        lines += ["", "| recipe | solver | package bytes | STS-B Spearman | mean cosine to float | meets target "
+                  "| palettize stage s |", "|---|---|---:|---:|---:|---|---:|"]
+        for m in r["metrics"]:
+            seconds = m.get("palettize_seconds")
+            lines.append(f"| {m['recipe']} | {m['solver']} | {m['package_bytes']:,} | {m['sts_spearman']} | "
+                         f"{m['mean_cosine']} | {m['meets_target']} | "
+                         f"{'restored' if seconds is None else f'{seconds:.1f}'} |")
+    return lines
+
+
+def report() -> str:
+    sections = {"pipeline": ("What the pipeline costs", pipeline_md), "scaling": ("How the stages scale", scaling_md),
+                "kmeans": ("Faster k-means: coremltools against exact_dp", kmeans_md)}
+    lines = [f"Measured by `python -m bench` on {machine()}; results in bench/results/*.json "
+             f"(report built {datetime.date.today().isoformat()})."]
+    for part, (title, render) in sections.items():
+        data = load(part)
+        if data is not None:
+            lines += ["", f"#### {title}", "", *render(data)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.recipes import update_readme
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from stored results")
+    args = parser.parse_args(argv)
+    if not args.report:
+        for part in args.parts.split(","):
+            if part not in PARTS:
+                raise SystemExit(f"--parts: unknown part {part!r}; allowed: {', '.join(PARTS)}")
+            __import__(f"bench.{part}", fromlist=["main"]).main([])
+    text = report()
+    (RESULTS / "bench.md").write_text(text)
+    update_readme(text, "bench")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
