@@ -19,7 +19,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE, GROUPS, ENTRIES = (30522, 384), 16, 256
 
 
@@ -45,19 +47,24 @@ def measure(variant: str) -> dict:
             "weight_mb": round(data.nbytes / 2**20)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--original", action="store_true", help="also run coremltools' own search")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.variant:
         print(json.dumps(measure(args.variant)))
         return
+    rows = []
     for variant in ["row_blocks"] + (["coremltools"] if args.original else []):
         result = subprocess.run([sys.executable, "-m", "bench.peak_memory", "--variant", variant],
                                 capture_output=True, text=True)
-        print(result.stdout.strip().splitlines()[-1] if result.returncode == 0
-              else f'{{"variant": "{variant}", "failed": "exit {result.returncode}"}}', flush=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0
+                    else {"variant": variant, "failed": f"exit {result.returncode}"})
+        print(json.dumps(rows[-1]), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "peak_memory.json").write_text(json.dumps({"shape": SHAPE, "groups": GROUPS, "entries": ENTRIES,
+                                                          "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -87,13 +87,19 @@ def step(name: str, layers: int, tmp: Path) -> dict:
     from stages.model import register_metadata, save_weights
     from stages.precision import bounded_index_search
 
+    import resource
+
+    def cpu_seconds() -> float:  # this process's threads and every worker it waited for
+        own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
     runtime.setup("scaling")
     weights_path = tmp / f"palettized-{layers}.safetensors"
     sampler = PeakSampler()
     footprint = sampler.tree_rss()
     sampler.start()
     model = stack(layers)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     if name.startswith("palettize"):
         model = palettize.run(model, palettize_config(name.split("_", 1)[1]))
         seconds = time.perf_counter() - start
@@ -116,7 +122,7 @@ def step(name: str, layers: int, tmp: Path) -> dict:
         register_metadata(model, state)
         model.load_state_dict(state)
         del state
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         with torch.no_grad():
             traced = torch.jit.trace(model, torch.zeros(1, WIDTH))
         with bounded_index_search():
@@ -125,10 +131,11 @@ def step(name: str, layers: int, tmp: Path) -> dict:
                                  compute_precision=ct.precision.FLOAT16)
         save_package(mlmodel, tmp / f"stack-{layers}.mlpackage")
         seconds = time.perf_counter() - start
+    cores_busy = (cpu_seconds() - cpu_start) / seconds  # 2.0: both cores busy the whole step
     peak = sampler.stop()
     params = layers * WIDTH * WIDTH
     return {"step": name, "layers": layers, "params_m": round(params / 1e6, 1), "seconds": round(seconds, 2),
-            "seconds_per_m_params": round(seconds / (params / 1e6), 3),
+            "seconds_per_m_params": round(seconds / (params / 1e6), 3), "cores_busy": round(cores_busy, 2),
             "footprint_after_imports_mb": round(footprint / 2**20), "peak_tree_mb": round(peak / 2**20),
             "peak_above_footprint_mb": round((peak - footprint) / 2**20),
             "float32_mb": round(params * 4 / 2**20),

@@ -16,6 +16,7 @@ only records that it is off.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -61,12 +62,21 @@ def plan(prune: PruneConfig, palettize: PalettizeConfig, quantize: QuantizeConfi
         # MagnitudePruner on the torch side prunes Linear layers only; so does this.
         steps.append(("prune", cto.prune_weights, cto.OptimizationConfig(
             op_type_configs={"linear": cto.OpMagnitudePrunerConfig(**options)})))
+    exact = palettize.method != "none" and palettize.kmeans_solver == "exact_dp"
+    if exact:
+        notes.append("palettize.kmeans_solver=exact_dp runs as coremltools' custom lut_function")
     if palettize.method != "none":
         def palette(embedding: bool):
             n_bits = (palettize.embeddings.n_bits or palettize.n_bits) if embedding else palettize.n_bits
             grouped = palettize.granularity == "per_grouped_channel"
+            if exact:  # coremltools' own extension point; in custom mode the table function sets the bits
+                from stages.exact_kmeans import lut_function
+
+                table = {"mode": "custom", "lut_function": functools.partial(lut_function, n_bits=n_bits)}
+            else:
+                table = {"mode": "uniform" if palettize.method == "uniform" else "kmeans", "nbits": n_bits}
             return cto.OpPalettizerConfig(
-                mode="uniform" if palettize.method == "uniform" else "kmeans", nbits=n_bits,
+                **table,
                 granularity=palettize.granularity, group_size=palettize.group_size if grouped else 32,
                 channel_axis=palettize.embeddings.channel_axis if embedding else 0,
                 cluster_dim=palettize.cluster_dim, enable_per_channel_scale=palettize.enable_per_channel_scale,

@@ -175,3 +175,14 @@ def weighted_error(values: np.ndarray, centroids: np.ndarray, labels: np.ndarray
     """Sum over groups of the (weighted) squared error of values against their centroids."""
     error = (np.take_along_axis(centroids, labels, axis=1) - values) ** 2
     return float((error if weights is None else error * weights).sum())
+
+
+def lut_function(weight: np.ndarray, n_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """coremltools.optimize.coreml's extension point, ``OpPalettizerConfig(mode="custom",
+    lut_function=functools.partial(lut_function, n_bits=...))``: one group's table
+    (2**n_bits entries, in the weight's dtype) and every value's index, by the optimal
+    k-means. One group per call, on the calling thread (coremltools calls it group by group)."""
+    values = np.asarray(weight, dtype=np.float64).ravel()
+    centroids, labels = np.zeros(2 ** n_bits), np.zeros(values.size, dtype=np.int64)
+    _cluster_one(values, np.ones_like(values), 2 ** n_bits, centroids, labels)
+    return centroids.astype(weight.dtype), labels.astype(np.uint8)

@@ -39,11 +39,11 @@ def test_report_checks_each_target_and_names_failures(results):
     assert "< 2 s: meets" in text
     assert "<= stages + 2 s: **misses** (+10.0 s)" in text
     assert "none: restored" in text and "nothing recomputed: meets" in text
-    assert "| 8.4 M | convert | 5.0 | 0.600 | 60 | 1.80 | meets |" in text
+    assert "| 8.4 M | convert | 5.0 | 0.600 | - | 60 | 1.80 | meets |" in text
     assert "failed: MemoryError" in text and "about 26 min at 2.6 B" in text
     assert "Faster k-means" not in text  # no stored result, no section
 
 
 def test_unknown_part_is_refused(results):
-    with pytest.raises(SystemExit, match="unknown part 'gpu'; allowed: pipeline, scaling, kmeans"):
+    with pytest.raises(SystemExit, match="unknown part 'gpu'; allowed: pipeline, scaling, kmeans, peak_memory"):
         bench_main.main(["--parts", "gpu"])

@@ -17,6 +17,9 @@ RECIPES = {
                         QuantizeConfig(), {"constexpr_lut_to_dense"}),
     "skm-becomes-kmeans": (PruneConfig(), PalettizeConfig(group_size=16, num_kmeans_workers=1), QuantizeConfig(),
                            {"constexpr_lut_to_dense"}),
+    "exact-dp-custom-lut-function": (PruneConfig(), PalettizeConfig(method="kmeans", group_size=16, num_kmeans_workers=1,
+                                                                    kmeans_solver="exact_dp"), QuantizeConfig(),
+                                     {"constexpr_lut_to_dense"}),
     "uniform-2bit": (PruneConfig(), PalettizeConfig(method="uniform", n_bits=2, group_size=16, num_kmeans_workers=1),
                          QuantizeConfig(), {"constexpr_lut_to_dense"}),
     "int4-per-block": (PruneConfig(), NONE_PAL, QuantizeConfig(method="linear", dtype="int4", granularity="per_block",
@@ -45,6 +48,9 @@ def test_same_recipe_on_the_core_ml_side(name, float_package, tiny_bert, tmp_pat
     check_combination({"prune": prune, "palettize": palettize, "quantize": quantize})
     steps, notes = plan(prune, palettize, quantize, CoremlConfig(enabled=True))
     assert ("palettize.method=sensitive_kmeans runs as data-free kmeans" in notes) == (name == "skm-becomes-kmeans")
+    custom = [config.mode for _, _, optimization in steps for config in optimization.op_type_configs.values()
+              if config is not None and hasattr(config, "lut_function")]
+    assert (custom == ["CUSTOM", "CUSTOM"]) == (palettize.kmeans_solver == "exact_dp"), custom
     package = tmp_path / "m.mlpackage"
     convert.save_package(compress(float_package, steps, convert.runtime.log), package)
     weights = convert.package_weights(convert.load_program(package))
