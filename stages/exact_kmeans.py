@@ -55,11 +55,12 @@ def _segments(p0, p1, p2, n, k):
                 continue
             mid = (lo + hi) // 2
             # Knuth's bound as well: with one cluster more, the last one starts no earlier.
+            last = min(mid - 1, opt_hi)
             first = opt_lo
-            if m > 1 and mid <= n - (k - m) and back[m - 1, mid] > first:
+            if m > 1 and mid <= n - (k - m) and last >= back[m - 1, mid] > first:
                 first = back[m - 1, mid]
             best, best_j = np.inf, first
-            for j in range(first, min(mid - 1, opt_hi) + 1):
+            for j in range(first, last + 1):
                 value = previous[j] + _cost(p0, p1, p2, j, mid)
                 if value < best:
                     best, best_j = value, j
