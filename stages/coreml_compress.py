@@ -22,7 +22,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from stages import config, runtime
