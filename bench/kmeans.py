@@ -78,11 +78,11 @@ def compare(case: str) -> dict:
     original = {f"{n}.weight": m.weight.detach().clone() for n, m in compressible_weights(model)}
     names = (lambda n: f"{n}.weight") if pattern is None else (lambda n: f"{n.replace('__', '.')}.weight")
     base = dataclasses.replace(params["palettize"], granularity="per_grouped_channel", layer_bits={}, **overrides)
-    weighted = sensitivity if base.method == "sensitive_kmeans" else None
-    if pattern is not None and weighted is not None:
-        weighted = {k: v for k, v in sensitivity.items()}
-        for key in list(weighted):  # SKMPalettizer reads sensitivities by the sub-model's names
-            weighted[key.replace(".", "__", key.count(".") - 1)] = weighted[key]
+    scored = sensitivity if base.method == "sensitive_kmeans" else None  # what the error is weighted by
+    weighted = scored
+    if pattern is not None and scored is not None:  # the palettizers read sensitivities by the sub-model's names
+        weighted = {f"{name.replace('.', '__')}.weight": scored[f"{name}.weight"]
+                    for name, _ in compressible_weights(model) if re.fullmatch(pattern, name)}
     runs = {}
     for solver, workers in (("coremltools", 1), ("coremltools", 2), ("exact_dp", 1), ("exact_dp", 2)):
         cfg = dataclasses.replace(base, kmeans_solver=solver, num_kmeans_workers=workers)
@@ -90,7 +90,7 @@ def compare(case: str) -> dict:
         start = time.perf_counter()
         part = palettize.palettize(part, cfg, weighted)
         seconds = time.perf_counter() - start
-        total, per_layer = error(original, part, sensitivity if base.method == "sensitive_kmeans" else None, names)
+        total, per_layer = error(original, part, scored, names)
         runs[f"{solver} x{workers}"] = {"seconds": round(seconds, 2), "error": total, "per_layer": per_layer}
         print(f"{case}: {solver} x{workers} {seconds:.1f} s, error {total:.6g}", flush=True)
     reference = runs["exact_dp x2"]

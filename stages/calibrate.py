@@ -2,8 +2,8 @@
 
 One backward pass per calibration pair of a cosine-similarity loss (the loss
 all-MiniLM was trained with on STS-like data), giving the normalised squared
-gradients SKMPalettizer.compute_sensitivity gives, computed in place in a
-third of its memory (fisher_sensitivity). They are cached as an artifact so
+gradients SKMPalettizer.compute_sensitivity gives, computed in place in
+less than half its memory (fisher_sensitivity). They are cached as an artifact so
 that every palettize variant reuses them.
 """
 

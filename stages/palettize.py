@@ -112,6 +112,33 @@ def _grouped(weight: np.ndarray, axis: int, group: int) -> np.ndarray:
     return np.ascontiguousarray(moved).reshape(moved.shape[0] // group, -1)
 
 
+def _weight_groups(model: torch.nn.Module, cfg: PalettizeConfig):
+    """Per palettized layer: (name, module, axis, n_bits, group), ``group`` being the
+    weight as (groups, values) (_grouped); a layer whose channels do not divide by the
+    group size is left uncompressed, as coremltools does (check_all_palettized names it)."""
+    for name, module in palettized_layers(model, cfg):
+        embedding = isinstance(module, torch.nn.Embedding)
+        axis = cfg.embeddings.channel_axis if embedding else 0
+        weight = module.weight.detach().numpy().astype(np.float32)
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
+        if weight.shape[axis] % group == 0:
+            yield name, module, axis, layer_n_bits(cfg, name, embedding), _grouped(weight, axis, group)
+
+
+def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, tables: np.ndarray) -> None:
+    """Write back a layer's palettized weight (laid out as _weight_groups gave it) and
+    register its look-up tables (groups, 2**n) as coremltools' palettizers do, in the
+    layout of the weight's axes: (groups, 1, 2**n, 1) or (1, groups, 2**n, 1)."""
+    from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
+
+    moved_shape = np.moveaxis(module.weight.detach().numpy(), axis, 0).shape
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.moveaxis(values.reshape(moved_shape), 0, axis))))
+    table = torch.from_numpy(np.ascontiguousarray(tables))
+    table = table[:, None, :, None] if axis == 0 else table[None, :, :, None]
+    CompressionMetadata(param_name="weight", lut=table, compression_type=["palettization"]).register(module)
+
+
 def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
                     sensitivity: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """k-means palettization with palettize.kmeans_solver=exact_dp.
@@ -123,30 +150,18 @@ def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
     k-means, so the metadata its palettizers register (look-up table,
     compression type, metadata version) is registered here, and ct.convert
     reads it unchanged."""
-    from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata, register_metadata_version
+    from coremltools.optimize.torch._utils.metadata_utils import register_metadata_version
 
     from stages.exact_kmeans import cluster_groups
 
-    for name, module in palettized_layers(model, cfg):
-        embedding = isinstance(module, torch.nn.Embedding)
-        axis = cfg.embeddings.channel_axis if embedding else 0
-        weight = module.weight.detach().numpy().astype(np.float32)
-        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
-        if weight.shape[axis] % group:
-            continue  # left uncompressed, as coremltools does; check_all_palettized names it
+    for name, module, axis, n_bits, groups in _weight_groups(model, cfg):
         importance = None
         if sensitivity is not None:
-            importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis, group)
-        centroids, labels = cluster_groups(_grouped(weight, axis, group), 2 ** layer_n_bits(cfg, name, embedding),
-                                           importance, threads=cfg.num_kmeans_workers)
+            importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis,
+                                  module.weight.shape[axis] // groups.shape[0])  # the same grouping
+        centroids, labels = cluster_groups(groups, 2 ** n_bits, importance, threads=cfg.num_kmeans_workers)
         lut = centroids.astype(np.float32)  # coremltools also casts its float64 centroids to the weight's dtype
-        moved_shape = np.moveaxis(weight, axis, 0).shape
-        values = np.take_along_axis(lut, labels, axis=1).reshape(moved_shape)
-        with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.moveaxis(values, 0, axis))))
-        table = torch.from_numpy(lut)  # (groups, 2**n) -> (groups, 1, 2**n, 1) or (1, groups, 2**n, 1)
-        table = table[:, None, :, None] if axis == 0 else table[None, :, :, None]
-        CompressionMetadata(param_name="weight", lut=table, compression_type=["palettization"]).register(module)
+        _store_palettized(module, axis, np.take_along_axis(lut, labels, axis=1), lut)
     register_metadata_version(model)
     return model
 
@@ -157,28 +172,14 @@ def uniform_palettize(model: torch.nn.Module, cfg: PalettizeConfig) -> torch.nn.
     here to each group of the torch weights, and the metadata the converter
     reads is registered as the torch palettizers do."""
     from coremltools.optimize.coreml._quantization_passes import palettize_weights
-    from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
 
-    for name, module in palettized_layers(model, cfg):
-        embedding = isinstance(module, torch.nn.Embedding)
-        n_bits = layer_n_bits(cfg, name, embedding)
-        axis = cfg.embeddings.channel_axis if embedding else 0
-        weight = module.weight.detach().numpy().astype(np.float32)
-        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
-        if weight.shape[axis] % group:
-            continue  # left uncompressed, as coremltools does; check_all_palettized names it
-        moved = np.moveaxis(weight, axis, 0)
-        values, tables = np.empty_like(moved), []
-        for start in range(0, moved.shape[0], group):
-            block = moved[start:start + group]
+    for _, module, axis, n_bits, groups in _weight_groups(model, cfg):
+        values, tables = np.empty_like(groups), []
+        for index, block in enumerate(groups):
             lut, indices = palettize_weights._get_lut_and_indices(block, "UNIFORM", n_bits, None)
-            values[start:start + group] = lut[indices.astype(np.int64)].reshape(block.shape)
+            values[index] = lut[indices.astype(np.int64)].reshape(block.shape)
             tables.append(lut)
-        with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(np.moveaxis(values, 0, axis).copy()))
-        lut = torch.from_numpy(np.stack(tables))  # (groups, 2**n) -> the layout of the weight's axes
-        lut = lut[:, None, :, None] if axis == 0 else lut[None, :, :, None]
-        CompressionMetadata(param_name="weight", lut=lut, compression_type=["palettization"]).register(module)
+        _store_palettized(module, axis, values, np.stack(tables))
     return model
 
 
