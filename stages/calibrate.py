@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from stages import config, runtime
-from stages.data import Pairs, calibration_pairs
-from stages.model import compressible_weights, load_tokenizer, load_weights, pool, save_tensors
-from stages.schema import ModelConfig
+from stages import config, families, runtime
+from stages.data import Pairs
+from stages.families.base import to_device, torch_device
+from stages.model import compressible_weights, load_weights, pool, save_tensors
 
 
 def pair_batches(pairs: Pairs, tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -86,11 +86,12 @@ def fisher_sensitivity(model: torch.nn.Module, batches: list, loss_fn: Callable,
     return values
 
 
-def sensitivity(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Normalised Fisher sensitivity of every Linear and Embedding weight."""
+def sensitivity(model: torch.nn.Module, batches: list[dict], loss_fn: Callable = cosine_loss
+                ) -> dict[str, torch.Tensor]:
+    """Normalised Fisher sensitivity of every Linear, Conv and Embedding weight."""
     wanted = {f"{name}.weight" for name, _ in compressible_weights(model)}
-    values = fisher_sensitivity(model, batches, cosine_loss, wanted)
-    return {name: values[name] for name in sorted(wanted)}
+    values = fisher_sensitivity(model, batches, loss_fn, wanted)
+    return {name: values[name].cpu() for name in sorted(wanted)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,14 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "calibrate"), args.params)
     cfg = params["calibrate"]
-    model_cfg: ModelConfig = params["model"]
     log = runtime.setup("calibrate", cfg.seed)
 
-    pairs = calibration_pairs(params["data"], cfg.num_samples, cfg.seed)
-    batches = pair_batches(pairs, load_tokenizer(model_cfg), model_cfg.max_length)
-    model = load_weights(model_cfg, args.weights)
-    with runtime.timed(log, f"sensitivity from {len(batches)} pairs"):
-        values = sensitivity(model, batches)
+    family = families.get(params["model"], params["data"])
+    device = torch_device(params["model"])
+    batches = [to_device(batch, device) for batch in family.calibration_samples(cfg.num_samples, cfg.seed)]
+    model = load_weights(params["model"], args.weights).to(device)
+    with runtime.timed(log, f"sensitivity from {len(batches)} samples on {device}"):
+        values = sensitivity(model, batches, family.loss)
     save_tensors(values, args.out)
     log.info("wrote %s (%d tensors)", args.out, len(values))
 

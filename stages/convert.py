@@ -23,31 +23,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import config, runtime
+from stages import config, families, runtime
 from stages import provenance as provenance_lib
-from stages.model import COREML_PREFIX, SentenceEncoder, load_weights, resolve_source
+from stages.model import COREML_PREFIX, load_weights
 from stages.precision import bounded_index_search
 from stages.schema import ConvertConfig, ModelConfig
 
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAME = "embedding"
 CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
-def to_mlmodel(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig):
-    """Trace BertModel + pooling for (1, seq_len) int32 inputs and convert it."""
+def as_family(family_or_model: ModelConfig | object):
+    """A model family object; a ModelConfig is turned into its family (stages/families/)."""
+    return families.get(family_or_model) if isinstance(family_or_model, ModelConfig) else family_or_model
+
+
+def to_mlmodel(network: torch.nn.Module, family, cfg: ConvertConfig):
+    """Trace the family's wrapper of ``network`` (for the sentence embedder: BertModel +
+    pooling on (1, seq_len) int32 inputs) and convert it. ``family``: a family object or
+    the model section."""
     import coremltools as ct
 
-    encoder = SentenceEncoder(bert, model_cfg.normalize).eval()
-    shape = (1, cfg.seq_len)
-    example = tuple(torch.ones(shape, dtype=torch.int32) for _ in INPUT_NAMES)
+    family = as_family(family)
+    wrapped = family.wrap(network).eval()
+    example = family.example_inputs(cfg.seq_len)
     with torch.no_grad():
-        traced = torch.jit.trace(encoder, example)
+        traced = torch.jit.trace(wrapped, tuple(example.values()), strict=False)
+    inputs = [ct.TensorType(name=name, shape=tuple(value.shape),
+                            dtype=np.int32 if not value.is_floating_point() else np.float32)
+              for name, value in example.items()]
     with bounded_index_search():  # an 8-bit palettized embedding would otherwise need tens of GB
         return ct.convert(
             traced,
-            inputs=[ct.TensorType(name=name, shape=shape, dtype=np.int32) for name in INPUT_NAMES],
-            outputs=[ct.TensorType(name=OUTPUT_NAME)],
+            inputs=inputs,
+            outputs=[ct.TensorType(name=family.output_name)],
             convert_to="mlprogram",
             # Without a target (iOS15) compression is dropped silently; before iOS18
             # grouped look-up tables and joint compression are not supported.
@@ -171,8 +179,9 @@ def find_weight(weights: dict, param_name: str, numel: int, prefix: str = "bert"
     return found[0] if len(found) == 1 else None
 
 
-def readback(bert: torch.nn.Module, package: str | Path) -> dict:
-    """Compare every torch parameter with its value read back from the package."""
+def readback(bert: torch.nn.Module, package: str | Path, prefix: str = "bert") -> dict:
+    """Compare every torch parameter with its value read back from the package
+    (``prefix``: the network's attribute in the traced wrapper)."""
     program = load_program(package)
     op_counts = Counter(op.op_type for op in program.functions["main"].operations if op.op_type.startswith("constexpr"))
     weights = package_weights(program)
@@ -180,7 +189,7 @@ def readback(bert: torch.nn.Module, package: str | Path) -> dict:
                   for key, _ in module.named_buffers(recurse=False) if key.startswith(COREML_PREFIX + "/")}
     per_weight, missing, folded = {}, [], []
     for name, param in bert.named_parameters():
-        found = find_weight(weights, name, param.numel())
+        found = find_weight(weights, name, param.numel(), prefix)
         if found is None:
             # An uncompressed weight may be constant-folded into another const
             # (the float position and token-type embeddings are); a compressed
@@ -201,13 +210,14 @@ def readback(bert: torch.nn.Module, package: str | Path) -> dict:
     }
 
 
-def convert_and_check(bert: torch.nn.Module, model_cfg: ModelConfig, cfg: ConvertConfig, out: Path, log,
+def convert_and_check(network: torch.nn.Module, family, cfg: ConvertConfig, out: Path, log,
                       provenance: dict[str, str]) -> dict:
+    family = as_family(family)
     with runtime.timed(log, f"ct.convert to {cfg.minimum_deployment_target} mlprogram"):
-        mlmodel = to_mlmodel(bert, model_cfg, cfg)
+        mlmodel = to_mlmodel(network, family, cfg)
     save_package(mlmodel, out, provenance)
     with runtime.timed(log, "read back weights from the package"):
-        report = readback(bert, out)
+        report = readback(network, out, family.prefix)
     report["package_bytes"] = package_bytes(out)
     report["tolerance"] = cfg.readback_tolerance
     report["seq_len"] = cfg.seq_len
@@ -232,13 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     log = runtime.setup("convert")
 
     data_cfg = params["data"]
-    # The data that shaped the weights: calibration sentences, and the training pairs when fine-tuned.
+    # The data that shaped the weights: calibration samples, and the training pairs when fine-tuned.
     data_files = [Path(data_cfg.dir) / data_cfg.calibration_file]
     if params["finetune"].method != "none":
         data_files.append(Path(data_cfg.dir) / data_cfg.train_file)
-    provenance = provenance_lib.collect(params, data_files, resolve_source(params["model"].source))
-    bert = load_weights(params["model"], args.weights)
-    report = convert_and_check(bert, params["model"], params["convert"], Path(args.out), log, provenance)
+    family = families.get(params["model"], data_cfg)
+    provenance = provenance_lib.collect(params, data_files, family.weights_location())
+    network = load_weights(params["model"], args.weights)
+    report = convert_and_check(network, family, params["convert"], Path(args.out), log, provenance)
     runtime.write_json(report, args.report)
 
 

@@ -38,8 +38,8 @@ QUANT_MODES = {"symmetric": "linear_symmetric", "affine": "linear"}
 
 
 def _per_type(make, embeddings: bool) -> dict:
-    """Linear and embedding (gather) weights: what the torch side compresses."""
-    return {"linear": make(False), "gather": make(True) if embeddings else None}
+    """Linear, convolution and embedding (gather) weights: what the torch side compresses."""
+    return {"linear": make(False), "conv": make(False), "gather": make(True) if embeddings else None}
 
 
 def plan(prune: PruneConfig, palettize: PalettizeConfig, quantize: QuantizeConfig, cfg: CoremlConfig):
@@ -58,9 +58,9 @@ def plan(prune: PruneConfig, palettize: PalettizeConfig, quantize: QuantizeConfi
             options["target_sparsity"] = float(prune.target_sparsity)
             if prune.block_size > 1:
                 options["block_size"] = prune.block_size
-        # MagnitudePruner on the torch side prunes Linear layers only; so does this.
+        # MagnitudePruner on the torch side prunes Linear and Conv layers only; so does this.
         steps.append(("prune", cto.prune_weights, cto.OptimizationConfig(
-            op_type_configs={"linear": cto.OpMagnitudePrunerConfig(**options)})))
+            op_type_configs={kind: cto.OpMagnitudePrunerConfig(**options) for kind in ("linear", "conv")})))
     exact = palettize.method != "none" and palettize.kmeans_solver == "exact_dp"
     if exact:
         notes.append("palettize.kmeans_solver=exact_dp runs as coremltools' custom lut_function")
@@ -111,7 +111,7 @@ def compress(package: Path, steps, log):
     return mlmodel
 
 
-def load_decoded(bert: torch.nn.Module, package: Path) -> int:
+def load_decoded(bert: torch.nn.Module, package: Path, prefix: str = "bert") -> int:
     """Copy every weight the package holds, decoded, into ``bert``; returns how many."""
     import torch
 
@@ -121,11 +121,32 @@ def load_decoded(bert: torch.nn.Module, package: Path) -> int:
     loaded = 0
     with torch.no_grad():
         for name, param in bert.named_parameters():
-            found = find_weight(weights, name, param.numel())
+            found = find_weight(weights, name, param.numel(), prefix)
             if found is not None:  # else folded into another constant by the converter: still float
                 param.copy_(torch.from_numpy(found[0].astype("float32")).reshape(param.shape))
                 loaded += 1
     return loaded
+
+
+def family_metrics(params: dict, package: Path, float_outputs: Path, float_report: Path) -> dict:
+    """Every family but the sentence embedder: the decoded package weights in the float
+    network, scored as evaluate scores the torch side."""
+    from safetensors.torch import load_file
+
+    from stages import families
+    from stages.convert import package_bytes
+    from stages.families.base import torch_device
+
+    family = families.get(params["model"], params["data"])
+    network = family.load_float()
+    loaded = load_decoded(network, package, family.prefix)
+    samples = family.eval_samples()
+    report = json.loads(float_report.read_text())
+    compressed = family.run(network, samples, torch_device(params["model"]))
+    metrics, _ = family.compare(compressed, load_file(str(float_outputs)), samples, report, params["evaluate"])
+    size = package_bytes(package)
+    return {**metrics, "package_bytes": size, "size_ratio": round(size / report["package_bytes"], 4),
+            "weights_decoded": loaded}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     save_package(mlmodel, package)
 
     model_cfg = params["model"]
+    if model_cfg.family != "sentence_embedding":
+        metrics = family_metrics(params, package, Path(args.float_embeddings), Path(args.float_report))
+        metrics.update({"enabled": True, "steps": [name for name, _, _ in steps], "data_free_substitutes": notes,
+                        "compression_seconds": round(seconds, 1)})
+        runtime.write_json(metrics, args.metrics)
+        log.info("Core ML side: quality %s, %d bytes (%.1f%% of float16)", metrics["quality"],
+                 metrics["package_bytes"], 100 * metrics["size_ratio"])
+        return
     bert = load_float_model(model_cfg)
     loaded = load_decoded(bert, package)
     pairs = eval_pairs(params["data"])

@@ -101,23 +101,57 @@ def evaluate(model, reference, tokenizer, pairs: Pairs, float_embeddings: torch.
     embeddings = encode(model, tokenizer, pairs.sentences(), model_cfg, cfg.batch_size)
     spearman = sts_spearman(embeddings, pairs)
     rows = layer_table(model, reference, readback)
-    total = sum(r["params"] for r in rows)
     metrics = {
         "sts_spearman": round(spearman, 4),
         "float_sts_spearman": round(float_report["spearman"], 4),
         "spearman_drop": round(float_report["spearman"] - spearman, 4),
         **{k: round(v, 6) for k, v in fidelity(embeddings, float_embeddings, len(pairs)).items()},
+        **size_metrics(rows, readback, float_report),
+        "num_pairs": len(pairs),
+    }
+    metrics["meets_target"] = bool(metrics["spearman_drop"] <= cfg.max_spearman_drop
+                                   and metrics["mean_cosine"] >= cfg.min_mean_cosine)
+    return metrics, rows, pair_similarities(embeddings, len(pairs))
+
+
+def size_metrics(rows: list[dict], readback: dict, float_report: dict) -> dict:
+    total = sum(r["params"] for r in rows)
+    return {
         "package_bytes": readback["package_bytes"],
         "float16_package_bytes": float_report["package_bytes"],
         "size_ratio": round(readback["package_bytes"] / float_report["package_bytes"], 4),
         "sparsity": round(sum(r["sparsity"] * r["params"] for r in rows) / total, 6),
         "bits_per_weight": round(8 * readback["package_bytes"] / total, 4),
         "readback_max_abs_diff": readback["max_abs_diff"],
-        "num_pairs": len(pairs),
     }
-    metrics["meets_target"] = bool(metrics["spearman_drop"] <= cfg.max_spearman_drop
-                                   and metrics["mean_cosine"] >= cfg.min_mean_cosine)
-    return metrics, rows, pair_similarities(embeddings, len(pairs))
+
+
+def evaluate_family(family, model, reference_model, samples: list[dict], reference: dict, float_report: dict,
+                    cfg: EvaluateConfig, readback: dict, device) -> tuple[dict, list[dict], list[dict]]:
+    """Every family but the sentence embedder: the family's scores against the float
+    outputs, plus size; (metrics, per-layer rows, per-sample plot rows)."""
+    compressed = family.run(model, samples, device)
+    metrics, per_sample = family.compare(compressed, reference, samples, float_report, cfg)
+    rows = layer_table(model, reference_model, readback)
+    return {**metrics, **size_metrics(rows, readback, float_report)}, rows, per_sample
+
+
+def coreml_outputs(package: Path, family, samples: list[dict]) -> dict | None:
+    """The family's summaries of the .mlpackage's own outputs (macOS only), or None when the
+    evaluation inputs do not have the traced shapes."""
+    import coremltools as ct
+
+    mlmodel = ct.models.MLModel(str(package))
+    shapes = {i.name: tuple(i.type.multiArrayType.shape) for i in mlmodel.get_spec().description.input}
+    rows = []
+    for sample in samples:
+        if any(tuple(sample[name].shape) != shapes[name] for name in family.input_names()):
+            return None
+        feed = {name: sample[name].numpy().astype(np.float32 if sample[name].is_floating_point() else np.int32)
+                for name in family.input_names()}
+        out = torch.from_numpy(np.asarray(mlmodel.predict(feed)[family.output_name], dtype=np.float32))
+        rows.append(family.summary(out, sample))
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -135,6 +169,43 @@ def layer_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_outputs(metrics: dict, rows: list[dict], args) -> None:
+    runtime.write_json(metrics, args.metrics)
+    layers = Path(args.layers)
+    write_csv(rows, layers)
+    layers.with_suffix(".md").write_text(layer_markdown(rows), encoding="utf-8")
+
+
+def family_main(params: dict, args, readback: dict, float_report: dict, log) -> None:
+    from stages import families
+    from stages.families.base import torch_device
+
+    model_cfg, cfg = params["model"], params["evaluate"]
+    family = families.get(model_cfg, params["data"])
+    samples = family.eval_samples()
+    reference = load_file(args.float_embeddings)
+    device = torch_device(model_cfg)
+    model = load_weights(model_cfg, args.weights)
+    with runtime.timed(log, f"evaluate {len(samples)} samples on {device}"):
+        metrics, rows, per_sample = evaluate_family(family, model, family.load_float(), samples, reference,
+                                                    float_report, cfg, readback, device)
+    if sys.platform == "darwin":
+        coreml = coreml_outputs(Path(args.package), family, samples)
+        if coreml is not None:
+            metrics["coreml_quality"] = family.compare(coreml, reference, samples, float_report, cfg)[0]["quality"]
+        metrics["evaluated"] = "torch weights and the Core ML package itself (macOS)"
+    else:
+        metrics["evaluated"] = ("torch weights proven equal to the .mlpackage's (read back, max abs diff "
+                                f"{readback['max_abs_diff']:.3g}); Core ML prediction needs macOS")
+    write_outputs(metrics, rows, args)
+    write_csv(per_sample, Path(args.similarities))
+    write_csv([{"size_mb": round(metrics["package_bytes"] / 1e6, 4), "quality": metrics["quality"]}],
+              Path(args.tradeoff))
+    log.info("%s: quality %s, %d bytes (%.1f%% of float16), meets target: %s", model_cfg.family,
+             metrics["quality"], metrics["package_bytes"], 100 * metrics["size_ratio"], metrics["meets_target"])
+    log.info("per layer:\n%s", layer_markdown(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
@@ -145,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--float-report", required=True)
     parser.add_argument("--metrics", required=True, help="DVC metrics (.json)")
     parser.add_argument("--layers", required=True, help="per-layer table (.csv; a .md is written beside it)")
-    parser.add_argument("--similarities", required=True, help="plot data: float vs compressed pair cosines (.csv)")
+    parser.add_argument("--similarities", required=True, help="plot data: float vs compressed pair cosines (.csv); "
+                        "other families: a per-sample float vs compressed statistic")
     parser.add_argument("--tradeoff", required=True,
                         help="plot data: one row of size and quality (.csv), for `dvc plots diff` across experiments")
     args = parser.parse_args(argv)
@@ -155,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
 
     readback = json.loads(Path(args.readback).read_text())
     float_report = json.loads(Path(args.float_report).read_text())
+    if model_cfg.family != "sentence_embedding":
+        family_main(params, args, readback, float_report, log)
+        return
     float_embeddings = load_file(args.float_embeddings)["embeddings"]
     pairs = eval_pairs(params["data"])
     tokenizer = load_tokenizer(model_cfg)
@@ -170,15 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         metrics["evaluated"] = ("torch weights proven equal to the .mlpackage's (read back, max abs diff "
                                 f"{readback['max_abs_diff']:.3g}); Core ML prediction needs macOS")
 
-    runtime.write_json(metrics, args.metrics)
-    layers = Path(args.layers)
-    write_csv(rows, layers)
-    layers.with_suffix(".md").write_text(layer_markdown(rows), encoding="utf-8")
+    write_outputs(metrics, rows, args)
     reference_similarities = pair_similarities(float_embeddings, len(pairs))
     write_csv([{"float": round(float(f), 6), "compressed": round(float(c), 6), "human": s}
                for f, c, s in zip(reference_similarities, similarities, pairs.scores)], Path(args.similarities))
     write_csv([{"size_mb": round(metrics["package_bytes"] / 1e6, 4), "sts_spearman": metrics["sts_spearman"],
-                "mean_cosine": metrics["mean_cosine"]}], Path(args.tradeoff))
+                "mean_cosine": metrics["mean_cosine"], "quality": metrics["sts_spearman"]}], Path(args.tradeoff))
     log.info("STS-B %.2f (float %.2f), mean cosine %.4f, %d bytes (%.1f%% of float16), meets target: %s",
              metrics["sts_spearman"], metrics["float_sts_spearman"], metrics["mean_cosine"],
              metrics["package_bytes"], 100 * metrics["size_ratio"], metrics["meets_target"])

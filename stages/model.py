@@ -47,6 +47,14 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_float_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The float network of model.family (stages/families/): the module whose
+    state dict every stage reads and writes."""
+    from stages import families
+
+    return families.get(cfg).load_float()
+
+
+def load_bert(cfg: ModelConfig) -> torch.nn.Module:
     from transformers import BertModel
 
     model = BertModel.from_pretrained(resolve_source(cfg.source), add_pooling_layer=False, attn_implementation="eager")
@@ -132,10 +140,13 @@ def load_weights(cfg: ModelConfig, path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+COMPRESSIBLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+
+
 def compressible_weights(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
-    """(module name, module) of every Linear and Embedding: what this pipeline compresses."""
+    """(module name, module) of every Linear, Conv and Embedding: what this pipeline compresses."""
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        if isinstance(module, COMPRESSIBLE):
             yield name, module
 
 

@@ -1,4 +1,4 @@
-"""Stage 3, palettize: look-up tables for every Linear and Embedding weight.
+"""Stage 3, palettize: look-up tables for every Linear, Conv and Embedding weight.
 
 kmeans: data-free PostTrainingPalettizer. sensitive_kmeans: SKMPalettizer
 weighted by the sensitivity cached by the calibrate stage. uniform: evenly
@@ -67,19 +67,35 @@ def palettizer_config(cfg: PalettizeConfig, model: torch.nn.Module) -> dict:
     options = {
         "global_config": module_config(cfg),
         "module_type_configs": {
-            "Linear": module_config(cfg),
+            **{kind: module_config(cfg) for kind in ("Linear", "Conv1d", "Conv2d", "Conv3d")},
             "Embedding": module_config(cfg, embeddings.n_bits, embeddings.channel_axis) if embeddings.enabled else None,
         },
     }
-    if cfg.layer_bits:
-        # One exact entry per layer rather than the user's patterns: an embedding needs its own channel_axis.
-        options["module_name_configs"] = {
-            re.escape(name): module_config(cfg, layer_n_bits(cfg, name, embedding),
-                                           embeddings.channel_axis if embedding else 0)
-            for name, module in palettized_layers(model, cfg)
-            for embedding in [isinstance(module, torch.nn.Embedding)]
-        }
+    layers = palettized_layers(model, cfg)
+    # One exact entry per layer rather than the user's patterns: an embedding needs its own channel_axis,
+    # and so does a layer grouped along its input channels (channel_axis).
+    named = {
+        re.escape(name): module_config(cfg, layer_n_bits(cfg, name, isinstance(module, torch.nn.Embedding)),
+                                       channel_axis(module, cfg))
+        for name, module in layers
+        if cfg.layer_bits or (channel_axis(module, cfg) != 0 and not isinstance(module, torch.nn.Embedding))
+    }
+    if named:
+        options["module_name_configs"] = named
     return options
+
+
+def channel_axis(module: torch.nn.Module, cfg: PalettizeConfig) -> int:
+    """The axis a layer's channels are grouped along. Embeddings: palettize.embeddings.channel_axis.
+    Linear and Conv: output channels (axis 0), as coremltools does; when they do not divide by
+    group_size but the input channels do (a 1000-class head, an LM head over 50257 tokens), the
+    input channels (axis 1), which coremltools also supports, rather than leaving it uncompressed."""
+    if isinstance(module, torch.nn.Embedding):
+        return cfg.embeddings.channel_axis
+    shape = module.weight.shape
+    if cfg.granularity != "per_grouped_channel" or shape[0] % cfg.group_size == 0:
+        return 0
+    return 1 if shape[1] % cfg.group_size == 0 else 0
 
 
 def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None):
@@ -118,7 +134,7 @@ def _weight_groups(model: torch.nn.Module, cfg: PalettizeConfig):
     group size is left uncompressed, as coremltools does (check_all_palettized names it)."""
     for name, module in palettized_layers(model, cfg):
         embedding = isinstance(module, torch.nn.Embedding)
-        axis = cfg.embeddings.channel_axis if embedding else 0
+        axis = channel_axis(module, cfg)
         weight = module.weight.detach().numpy().astype(np.float32)
         group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
         if weight.shape[axis] % group == 0:
@@ -128,14 +144,17 @@ def _weight_groups(model: torch.nn.Module, cfg: PalettizeConfig):
 def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, tables: np.ndarray) -> None:
     """Write back a layer's palettized weight (laid out as _weight_groups gave it) and
     register its look-up tables (groups, 2**n) as coremltools' palettizers do, in the
-    layout of the weight's axes: (groups, 1, 2**n, 1) or (1, groups, 2**n, 1)."""
+    layout of the weight's axes: (groups, 1, 2**n, 1) or (1, groups, 2**n, 1) for a
+    matrix, (groups, 1, 1, 1, 2**n, 1) for a 2-D convolution."""
     from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
 
     moved_shape = np.moveaxis(module.weight.detach().numpy(), axis, 0).shape
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.moveaxis(values.reshape(moved_shape), 0, axis))))
     table = torch.from_numpy(np.ascontiguousarray(tables))
-    table = table[:, None, :, None] if axis == 0 else table[None, :, :, None]
+    layout = [1] * module.weight.ndim
+    layout[axis] = table.shape[0]
+    table = table.reshape(*layout, table.shape[1], 1)
     CompressionMetadata(param_name="weight", lut=table, compression_type=["palettization"]).register(module)
 
 
@@ -218,7 +237,8 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
         return 0  # scaled or quantized tables: keep coremltools' result (zeros_kept reports it)
     done = 0
     for name, module in compressible_weights(model):
-        if not isinstance(module, torch.nn.Linear) or compression_types(module) != [PRUNING, PALETTIZATION]:
+        if (not isinstance(module, torch.nn.Linear) or compression_types(module) != [PRUNING, PALETTIZATION]
+                or channel_axis(module, cfg) != 0):  # grouped along input channels: coremltools' tables stay
             continue
         weight = pruned[f"{name}.weight"].numpy().astype(np.float32)
         importance = sensitivity[f"{name}.weight"].numpy() if sensitivity is not None else None

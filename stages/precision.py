@@ -86,7 +86,9 @@ def _to_float16_grid(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def expand_blocks(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Repeat per-block values over their blocks (as the converter does)."""
+    """Repeat per-block values over their blocks (as the converter does). A scale with fewer
+    axes than the weight (GPTQ's (out, 1) for a convolution) covers the missing ones whole."""
+    scale = scale.reshape(*scale.shape, *[1] * (len(shape) - scale.ndim))
     for axis, size in enumerate(shape):
         if scale.shape[axis] not in (1, size):
             scale = scale.repeat_interleave(size // scale.shape[axis], dim=axis)

@@ -23,6 +23,13 @@ SOURCES = ("stages", "conf", "params.yaml", "dvc.yaml", "data", "requirements.tx
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file; of a folder (an image folder), over its files' relative names and hashes."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode())
+            digest.update(sha256_file(file).encode())
+        return digest.hexdigest()
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -56,6 +63,8 @@ def git_state(root: Path = Path(".")) -> tuple[str, bool]:
 def source_model_sha256(model_dir: str) -> str:
     """sha256 of the model's weight files; a hub id not on disk records the id."""
     root = Path(model_dir)
+    if root.is_file():  # a custom module's state dict
+        return json.dumps({root.name: sha256_file(root)})
     files = sorted(p for p in root.glob("*") if p.suffix in (".safetensors", ".bin")) if root.is_dir() else []
     if not files:
         return f"unresolved:{model_dir}"

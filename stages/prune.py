@@ -2,7 +2,9 @@
 
 none: the float weights pass through. magnitude: data-free one-shot
 MagnitudePruner. sparse_gpt: LayerwiseCompressor (SparseGPT) with unpadded
-calibration sentences from the dev split. Writes safetensors with the
+calibration sentences from the dev split (or tokens, for a causal LM); for a
+network without a block stack (a UNet, a ResNet, a custom module), coremltools'
+SparseGPT layer by layer on the family's calibration samples (stages/layerwise.py). Writes safetensors with the
 ``_COREML_`` pruning metadata the converter reads.
 """
 
@@ -12,9 +14,13 @@ import argparse
 
 import torch
 
-from stages import config, runtime
-from stages.model import load_float_model, load_tokenizer, save_weights
-from stages.schema import DataConfig, ModelConfig, PruneConfig
+from stages import config, families, runtime
+from stages.families.base import torch_device
+from stages.model import load_tokenizer, save_weights
+from stages.schema import LAYERWISE_FAMILIES, DataConfig, ModelConfig, PruneConfig
+
+# The layers coremltools' MagnitudePruner prunes; embeddings stay dense.
+PRUNED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
 def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> torch.nn.Module:
@@ -23,8 +29,8 @@ def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> torch.nn.Module
     module_cfg = {"target_sparsity": float(cfg.target_sparsity), "block_size": cfg.block_size}
     if cfg.n_m_ratio:
         module_cfg["n_m_ratio"] = tuple(cfg.n_m_ratio)
-    # MagnitudePruner supports Linear and Conv only; embeddings stay dense.
-    pruner = MagnitudePruner(model, MagnitudePrunerConfig.from_dict({"module_type_configs": {"Linear": module_cfg}}))
+    pruner = MagnitudePruner(model, MagnitudePrunerConfig.from_dict(
+        {"module_type_configs": {kind: module_cfg for kind in PRUNED_TYPES}}))
     pruner.prepare(inplace=True)
     pruner.step()  # one step of the constant scheduler (begin_step 0) applies the full target
     return pruner.finalize(inplace=True)
@@ -41,29 +47,46 @@ def calibration_inputs(model_cfg: ModelConfig, data_cfg: DataConfig, num_samples
             for s in sentences]
 
 
-def sparse_gpt_prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor]) -> torch.nn.Module:
+def sparse_gpt_prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor],
+                     blocks: str = r"encoder\.layer\.\d+", device: str = "cpu") -> torch.nn.Module:
     from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
 
-    global_cfg = {"algorithm": "sparse_gpt", "target_sparsity": float(cfg.target_sparsity),
-                  # SparseGPT would also quantize to uint8 by default; this stage only prunes.
-                  "weight_dtype": "float32"}
-    if cfg.n_m_ratio:
-        global_cfg["n_m_ratio"] = tuple(cfg.n_m_ratio)
+    global_cfg = {"algorithm": "sparse_gpt", **sparse_gpt_options(cfg)}
     compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
         "global_config": global_cfg,
         "input_cacher": "gpt",  # the default cacher fails on BERT ("not enough values to unpack")
-        "layers": [r"encoder\.layer\.\d+"],
+        "layers": [blocks],
         "calibration_nsamples": len(samples),
     }))
-    return compressor.compress(samples, device="cpu", inplace=True)
+    return compressor.compress(samples, device=str(device), inplace=True).cpu()
 
 
-def prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor] | None = None) -> torch.nn.Module:
+def sparse_gpt_options(cfg: PruneConfig) -> dict:
+    # SparseGPT would also quantize to uint8 by default; this stage only prunes.
+    options = {"target_sparsity": float(cfg.target_sparsity), "weight_dtype": "float32"}
+    if cfg.n_m_ratio:
+        options["n_m_ratio"] = tuple(cfg.n_m_ratio)
+    return options
+
+
+def prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor] | None = None,
+          blocks: str = r"encoder\.layer\.\d+", device: str = "cpu") -> torch.nn.Module:
     if cfg.method == "magnitude":
         return magnitude_prune(model, cfg)
     if cfg.method == "sparse_gpt":
-        return sparse_gpt_prune(model, cfg, samples or [])
+        return sparse_gpt_prune(model, cfg, samples or [], blocks, device)
     return model
+
+
+def sparse_gpt_each_layer(model: torch.nn.Module, cfg: PruneConfig, family, samples: list[dict],
+                          device: torch.device) -> torch.nn.Module:
+    """SparseGPT for a network without a block stack (stages/layerwise.py)."""
+    from stages.layerwise import compress_each_layer
+
+    wrapped = family.wrap(model).eval().to(device)
+    compress_each_layer(model, "sparse_gpt", sparse_gpt_options(cfg),
+                        lambda: [family.call(wrapped, sample, device) for sample in samples])
+    return model.cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,12 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     cfg: PruneConfig = params["prune"]
     log = runtime.setup("prune")
 
-    model = load_float_model(params["model"])
-    samples = None
-    if cfg.method == "sparse_gpt":
-        samples = calibration_inputs(params["model"], params["data"], cfg.num_samples, seed=0)
+    # The first stage that loads the model: a network that cannot be compressed or
+    # traced is refused here, before any compression work.
+    family = families.get(params["model"], params["data"])
+    model = family.load_float()
+    family.check_layers(model)
+    family.check_traceable(model, seq_len=8)
+    device = torch_device(params["model"])
     with runtime.timed(log, f"prune method={cfg.method}"):
-        model = prune(model, cfg, samples)
+        if cfg.method == "sparse_gpt" and params["model"].family not in LAYERWISE_FAMILIES:
+            model = sparse_gpt_each_layer(model, cfg, family, family.calibration_samples(cfg.num_samples, 0), device)
+        elif cfg.method == "sparse_gpt":
+            model = prune(model, cfg, family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model),
+                          device)
+        else:
+            model = prune(model, cfg)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)
 

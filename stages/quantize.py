@@ -18,10 +18,11 @@ import argparse
 import numpy as np
 import torch
 
-from stages import config, runtime
-from stages.model import compressible_weights, load_weights, save_weights
+from stages import config, families, runtime
+from stages.families.base import torch_device
+from stages.model import QUANTIZATION, compressible_weights, compression_types, load_weights, save_weights
 from stages.precision import expand_blocks, round_like_package, warn_lost_rows
-from stages.schema import QuantizeConfig
+from stages.schema import LAYERWISE_FAMILIES, QuantizeConfig
 
 SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
 
@@ -37,20 +38,40 @@ def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Mod
     from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
     quantizer = PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict(
-        {"module_type_configs": {"Linear": module_config(cfg)}}))
+        {"module_type_configs": {kind: module_config(cfg) for kind in ("Linear", "Conv1d", "Conv2d", "Conv3d")}}))
     return quantizer.compress(inplace=True)
 
 
-def gptq_quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor]) -> torch.nn.Module:
+def gptq_quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor],
+                  blocks: str = r"encoder\.layer\.\d+", device: str = "cpu") -> torch.nn.Module:
     from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
 
     compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
         "global_config": {"algorithm": "gptq", **module_config(cfg)},
         "input_cacher": "gpt",  # the default cacher fails on BERT (see shared notes)
-        "layers": [r"encoder\.layer\.\d+"],
+        "layers": [blocks],
         "calibration_nsamples": len(samples),
     }))
-    return compressor.compress(samples, device="cpu", inplace=True)
+    return compressor.compress(samples, device=str(device), inplace=True).cpu()
+
+
+def outside_blocks(model: torch.nn.Module, cfg: QuantizeConfig) -> list[str]:
+    """LayerwiseCompressor's GPTQ covers the layers inside the block stack only; a layer outside
+    it (a causal LM's head) is quantized data-free with the same settings rather than left float16.
+    Returns their names."""
+    import re
+
+    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+    left = [name for name, module in compressible_weights(model)
+            if not isinstance(module, torch.nn.Embedding) and QUANTIZATION not in compression_types(module)]
+    if left:
+        PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict({
+            "global_config": None, "module_name_configs": {re.escape(name): module_config(cfg) for name in left}})
+        ).compress(inplace=True)
+        runtime.log.info("GPTQ covers the block stack; %d layer(s) outside it quantized data-free: %s",
+                         len(left), ", ".join(left[:4]))
+    return left
 
 
 def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
@@ -88,23 +109,41 @@ def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
     return done
 
 
-def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None) -> torch.nn.Module:
+def gptq_each_layer(model: torch.nn.Module, cfg: QuantizeConfig, family, samples: list[dict],
+                    device) -> torch.nn.Module:
+    from stages.layerwise import compress_each_layer
+
+    wrapped = family.wrap(model).eval().to(device)
+    compress_each_layer(model, "gptq", module_config(cfg),
+                        lambda: [family.call(wrapped, sample, device) for sample in samples])
+    return model.cpu()
+
+
+def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
+             blocks: str = r"encoder\.layer\.\d+", device: str = "cpu", family=None) -> torch.nn.Module:
+    """``family`` given: GPTQ layer by layer on its samples (a network without a block stack)."""
     if cfg.method == "none":
         return model
-    model = gptq_quantize(model, cfg, samples or []) if cfg.method == "gptq" else linear_quantize(model, cfg)
+    if cfg.method == "gptq" and family is not None:
+        model = gptq_each_layer(model, cfg, family, samples or [], device)
+    elif cfg.method == "gptq":
+        model = gptq_quantize(model, cfg, samples or [], blocks, device)
+        outside_blocks(model, cfg)
+    else:
+        model = linear_quantize(model, cfg)
     if cfg.embeddings:
         quantize_embeddings(model, cfg)
     return model
 
 
-def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None,
-        log=None) -> torch.nn.Module:
+def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
+        log=None, blocks: str = r"encoder\.layer\.\d+", device: str = "cpu", family=None) -> torch.nn.Module:
     """The whole stage on a model in memory: quantize, then round to what the package stores."""
     if cfg.method == "none":
         return model
     log = log or runtime.log
     before = {f"{name}.weight": module.weight.detach().clone() for name, module in compressible_weights(model)}
-    model = quantize(model, cfg, samples)
+    model = quantize(model, cfg, samples, blocks, device, family)
     round_like_package(model, log)
     warn_lost_rows(before, model, log)
     return model
@@ -125,13 +164,16 @@ def main(argv: list[str] | None = None) -> None:
         log.info("quantize.method is none: %s passes through", args.weights)
         return
     model = load_weights(params["model"], args.weights)
-    samples = None
-    if cfg.method == "gptq":
-        from stages.prune import calibration_inputs
-
-        samples = calibration_inputs(params["model"], params["data"], cfg.num_samples, seed=0)
+    samples, blocks = None, r"encoder\.layer\.\d+"
+    device = torch_device(params["model"])
+    family = families.get(params["model"], params["data"])
+    each_layer = cfg.method == "gptq" and params["model"].family not in LAYERWISE_FAMILIES
+    if cfg.method == "gptq" and not each_layer:
+        samples, blocks = family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model)
+    if each_layer:  # no block stack: coremltools' GPTQ layer by layer (stages/layerwise.py)
+        samples = family.calibration_samples(cfg.num_samples, 0)
     with runtime.timed(log, f"quantize method={cfg.method} {cfg.dtype} {cfg.scheme} {cfg.granularity}"):
-        model = run(model, cfg, samples, log)
+        model = run(model, cfg, samples, log, blocks, device, family if each_layer else None)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)
 

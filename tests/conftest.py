@@ -31,7 +31,7 @@ REDUCED_OVERRIDES = [
     "palettize.kmeans_solver=exact_dp",  # the optimal k-means through every stage (tests/test_exact_kmeans.py)
 ]
 
-PROJECT_FILES = ["dvc.yaml", "stages", "conf", "data", ".dvc/config", ".dvcignore"]
+PROJECT_FILES = ["dvc.yaml", "stages", "conf", "data", "examples", ".dvc/config", ".dvcignore"]
 
 
 def project_env(cwd: Path) -> dict[str, str]:

@@ -50,7 +50,7 @@ def test_same_recipe_on_the_core_ml_side(name, float_package, tiny_bert, tmp_pat
     assert ("palettize.method=sensitive_kmeans runs as data-free kmeans" in notes) == (name == "skm-becomes-kmeans")
     custom = [config.mode for _, _, optimization in steps for config in optimization.op_type_configs.values()
               if config is not None and hasattr(config, "lut_function")]
-    assert (custom == ["CUSTOM", "CUSTOM"]) == (palettize.kmeans_solver == "exact_dp"), custom
+    assert (custom == ["CUSTOM"] * 3) == (palettize.kmeans_solver == "exact_dp"), custom  # linear, conv, gather
     package = tmp_path / "m.mlpackage"
     convert.save_package(compress(float_package, steps, convert.runtime.log), package)
     weights = convert.package_weights(convert.load_program(package))

@@ -1,0 +1,225 @@
+"""Model families (stages/families/): STRUCTURE TESTS ONLY.
+
+Each family runs every stage of dvc.yaml, conversion included, on a tiny randomly
+initialised model (tests/tiny_families.py): a UNet shaped like SDXL's, Llama- and
+GPT-2-style LMs, a ResNet, and a user-defined module. Random weights say nothing
+about compression quality; these tests check the plumbing (loading, tracing,
+calibration, compression metadata, conversion, read-back, scoring) and the errors
+for bad model configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import make_project_copy, run
+from tiny_families import REDUCED, ROOT, compose, family_overrides, run_stages, tiny_sd_pipeline
+
+ALL_STAGES = ["validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
+              "coreml_compress", "evaluate"]
+
+# (family, extra overrides): together they cover pruning, palettization (both k-means solvers),
+# GPTQ, the Core ML side, Conv1D layers and a tied LM head.
+CASES = {
+    # The SDXL recipe of the talk (conf/recipe/sdxl.yaml: SparseGPT 40% with calibration samples, then
+    # sensitive 4-bit palettization, group 16) on the tiny UNet, and the same recipe on the Core ML side.
+    "sd_unet-sdxl_recipe-coreml_side": ("sd_unet", ["+recipe=sdxl", "coreml=compare", "prune.num_samples=4",
+                                                    "palettize.n_bits=4", "palettize.group_size=16"]),
+    "causal_lm-llama-gptq": ("causal_lm", ["palettize=none", "quantize=gptq", "quantize.dtype=uint4",
+                                           "quantize.granularity=per_block", "quantize.block_size=16",
+                                           "quantize.num_samples=4"]),
+    "causal_lm-gpt2-sparse_gpt-palettize": ("gpt2", ["prune=sparse_gpt", "prune.num_samples=4"]),
+    "image_classifier-exact_dp": ("image_classifier", ["palettize.kmeans_solver=exact_dp"]),
+    "custom-gptq": ("custom", ["palettize=none", "quantize=gptq", "quantize.dtype=uint8",
+                               "quantize.granularity=per_channel", "~quantize.block_size", "quantize.num_samples=4"]),
+}
+
+
+def run_family(case: str, tmp_path: Path, monkeypatch) -> dict:
+    family, extra = CASES[case]
+    params = tmp_path / "params.yaml"
+    compose(family_overrides(family, tmp_path) + REDUCED + extra, params)
+    monkeypatch.chdir(tmp_path)
+    assert run_stages(params, tmp_path) == ALL_STAGES
+    return {name: json.loads((tmp_path / path).read_text()) for name, path in (
+        ("metrics", "metrics/evaluate.json"), ("readback", "artifacts/convert/readback.json"),
+        ("baseline", "artifacts/baseline/report.json"), ("coreml", "metrics/coreml.json"))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_structure_every_stage_through_conversion(case, tmp_path, monkeypatch):
+    out = run_family(case, tmp_path, monkeypatch)
+    metrics, readback = out["metrics"], out["readback"]
+    # Every compressed weight is in the package, exactly as torch has it (float16 grid).
+    assert readback["max_abs_diff"] <= readback["tolerance"]
+    assert readback["weights"], "no weight read back"
+    layers = list(csv.DictReader((tmp_path / "metrics/layers.csv").open()))
+    assert len(layers) > 2
+    compressed_ops = {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "constexpr_sparse_to_dense"}
+    assert compressed_ops & set(readback["constexpr_ops"])
+    for row in layers:
+        assert row["technique"] != "none", f"a layer stayed uncompressed: {row}"
+    assert metrics["package_bytes"] == readback["package_bytes"] > 0
+    assert metrics["size_ratio"] == round(readback["package_bytes"] / out["baseline"]["package_bytes"], 4)
+    assert isinstance(metrics["meets_target"], bool) and math.isfinite(metrics["quality"])
+    family = CASES[case][0]
+    if family in ("sd_unet", "custom"):
+        assert metrics["quality"] == metrics["psnr_db"] >= metrics["min_psnr_db"] > 0
+        assert 0 < metrics["mean_cosine"] <= 1
+    if family in ("causal_lm", "gpt2"):
+        assert metrics["perplexity"] > 0 and metrics["float_perplexity"] == round(out["baseline"]["perplexity"], 4)
+        assert 0 <= metrics["next_token_agreement"] <= 1 and metrics["tokens_per_window"] == 16
+    if family == "image_classifier":
+        # The image folders are named after the tiny model's classes, so accuracy is computed.
+        assert 0 <= metrics["top1_agreement"] <= 1 and 0 <= metrics["accuracy"] <= 1
+        assert metrics["float_accuracy"] == round(out["baseline"]["accuracy"], 6) and metrics["num_images"] == 9
+    if case.startswith("sd_unet"):
+        # SparseGPT at 40% of every conv and linear weight (the norms and biases stay dense).
+        assert 0.37 < metrics["sparsity"] < 0.41
+        assert readback["constexpr_ops"].get("constexpr_lut_to_sparse", 0) > 0
+        assert out["baseline"]["text_embeddings"].startswith("seeded Gaussian")
+        assert out["coreml"]["enabled"] and out["coreml"]["steps"] == ["prune", "palettize"]
+        assert "prune.method=sparse_gpt runs as data-free magnitude" in out["coreml"]["data_free_substitutes"]
+        assert out["coreml"]["weights_decoded"] > 0 and math.isfinite(out["coreml"]["psnr_db"])
+        assert all(r["technique"].endswith("palettization") and r["bits"] == "4" for r in layers)
+    if case in ("causal_lm-llama-gptq", "custom-gptq"):
+        assert readback["constexpr_ops"].get("constexpr_blockwise_shift_scale", 0) > 0
+        assert all(r["technique"] == "quantization" for r in layers)
+    if case.startswith("causal_lm-gpt2"):
+        rows = [r for r in layers if r["layer"].endswith(".attn.c_attn")]  # transformers Conv1D, now nn.Linear
+        assert rows and all(r["technique"] == "pruning+palettization" for r in rows)
+        assert any(r["layer"] == "lm_head" for r in layers)  # the tied head, compressed on its own
+
+
+def test_sd_pipeline_text_encoder_embeds_the_prompts(tmp_path):
+    """A pipeline folder as model.source: the UNet comes from its unet/ folder and each
+    calibration prompt is embedded by the pipeline's own text encoder (encode_prompt)."""
+    import torch
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from stages.families.sd_unet import SDUNet
+    from stages.schema import DataConfig, ModelConfig
+
+    source = tiny_sd_pipeline(tmp_path / "pipeline")
+    family = SDUNet(ModelConfig(family="sd_unet", source=str(source)),
+                    DataConfig(format="prompts", dir=str(ROOT / "data/prompts"), calibration_file="calibration.txt",
+                               eval_file="eval.txt", train_file="calibration.txt"))
+    samples = family.calibration_samples(2, seed=0)
+    prompts = (ROOT / "data/prompts/calibration.txt").read_text().splitlines()[:2]
+    tokenizer = AutoTokenizer.from_pretrained(source / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(source / "text_encoder").eval()
+    for sample, prompt in zip(samples, prompts):
+        ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = encoder(ids).last_hidden_state
+        torch.testing.assert_close(sample["encoder_hidden_states"], expected)
+    assert not torch.equal(samples[0]["encoder_hidden_states"], samples[1]["encoder_hidden_states"])
+    assert family.text_source() == "pipeline text encoder"
+    assert family.load_float().config.cross_attention_dim == 32  # the unet/ folder of the pipeline
+
+
+def test_family_config_selects_its_data(tmp_path):
+    """A model family config picks its data format through the Hydra defaults list; a
+    command-line data= still wins."""
+    assert compose(["model=causal_lm"], tmp_path / "a.yaml")["data"]["format"] == "text"
+    assert compose(["model=sdxl"], tmp_path / "b.yaml")["data"]["format"] == "prompts"
+    assert compose(["model=image_classifier"], tmp_path / "c.yaml")["data"]["format"] == "imagefolder"
+    assert compose(["model=custom", "data=text"], tmp_path / "d.yaml")["data"]["format"] == "text"
+    assert compose([], tmp_path / "e.yaml")["model"]["family"] == "sentence_embedding"
+
+
+def _params(tmp_path, overrides):
+    return compose(overrides, tmp_path / "params.yaml")
+
+
+def test_missing_model_path_names_the_key(tmp_path):
+    from stages.schema import ConfigError, validate
+
+    params = _params(tmp_path, ["model=causal_lm", f"model.source={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match=r"model\.source=.*nope.*must exist"):
+        validate(params)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.module._target_=tiny_families.NoSuchNet", r"model\.module\._target_=.*has no attribute NoSuchNet"),
+    ("model.module._target_=no_such_package.Net", r"model\.module\._target_=.*cannot be imported"),
+])
+def test_bad_custom_import_path_names_the_key(tmp_path, override, message):
+    from stages.schema import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(_params(tmp_path, ["model=custom", override]))
+
+
+@pytest.mark.parametrize("target, message", [
+    ("tiny_families.UntraceableNet", r"model\.module=.*forward cannot be traced"),
+    ("tiny_families.RecurrentNet", r"model\.module=.*lstm\.weight_ih_l0 \(LSTM\).*allowed: weights of Linear"),
+])
+def test_bad_custom_module_fails_in_the_first_stage(tmp_path, monkeypatch, target, message):
+    """Before any compression work: the prune stage (the first to load the model) refuses it,
+    and exits 2 with one line naming model.module."""
+    from stages import prune
+    from stages.runtime import run_cli
+    from stages.schema import ConfigError
+
+    params = tmp_path / "params.yaml"
+    compose(["model=custom", f"data.dir={ROOT / 'data/stsb'}", f"model.module._target_={target}", "~model.module.channels",
+             "model.example_inputs._target_=tiny_families.vector_inputs", "~model.example_inputs.size"], params)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        prune.main(["--params", str(params), "--out", "artifacts/prune/weights.safetensors"])
+    assert run_cli(prune.main, ["--params", str(params), "--out", "x.safetensors"]) == 2
+    assert not (tmp_path / "artifacts/prune/weights.safetensors").exists()
+
+
+def test_family_data_mismatch_names_the_key(tmp_path):
+    from stages.schema import ConfigError, validate
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"data\.format='stsb' is not allowed; allowed with model\.family=causal_lm: text"):
+        validate(_params(tmp_path, ["model=causal_lm", f"model.source={tmp_path / 'lm'}", "data=stsb"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=custom", "finetune=qat", "palettize=none", "quantize=int8"],
+     r"finetune\.method='qat' is not allowed; allowed with model\.family=custom: none"),
+])
+def test_family_refusals_name_the_key(tmp_path, overrides, message):
+    from stages.schema import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(_params(tmp_path, overrides))
+
+
+def test_device_defaults_to_what_is_available(tmp_path):
+    import torch
+
+    from stages.families.base import torch_device
+    from stages.schema import ConfigError, validate
+
+    model = validate(_params(tmp_path, []))["model"]
+    assert model.device == "auto"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert torch_device(model).type == expected
+    if not torch.cuda.is_available():
+        model.device = "cuda"
+        with pytest.raises(ConfigError, match=r"model\.device='cuda' is not allowed; torch sees no cuda"):
+            torch_device(model)
+
+
+def test_custom_family_through_dvc_repro(tmp_path):
+    """The DVC wiring for a non-default family: `dvc repro` runs every stage, a second
+    one runs nothing, and the package's provenance names the module."""
+    project = make_project_copy(tmp_path / "project", ["model=custom", "data.eval_max_pairs=4", *REDUCED])
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert math.isfinite(metrics["psnr_db"]) and metrics["package_bytes"] > 0
+    assert "stage=" not in run(["dvc", "repro"], project).stderr
+    audit = run([__import__("sys").executable, "-m", "stages.audit", "artifacts/convert/model.mlpackage", "--json"],
+                project, check=False)
+    assert "module:examples.tiny_models.ConvEncoder" in audit.stdout + audit.stderr
