@@ -452,6 +452,10 @@ def main(argv: list[str] | None = None) -> None:
     # The base is params.yaml's palettize section (the one the cached artifacts sit beside) plus the overrides.
     raw = config.read_params(args.params)
     current = config.validate(raw)
+    if current["model"].family != "sentence_embedding":
+        raise ConfigError(f"config error: model.family={current['model'].family!r} is not allowed for "
+                          "stages.mixed_bit; allowed: sentence_embedding (it scores candidate recipes on STS-B); "
+                          "set palettize.layer_bits by hand for other families")
     merged = OmegaConf.merge(OmegaConf.create({"palettize": raw.get("palettize", {})}),
                              OmegaConf.from_dotlist(args.overrides))
     composed = config.validate({**raw, "palettize": OmegaConf.to_container(merged)["palettize"]})

@@ -223,3 +223,16 @@ def test_custom_family_through_dvc_repro(tmp_path):
     audit = run([__import__("sys").executable, "-m", "stages.audit", "artifacts/convert/model.mlpackage", "--json"],
                 project, check=False)
     assert "module:examples.tiny_models.ConvEncoder" in audit.stdout + audit.stderr
+
+
+def test_mixed_bit_generator_refuses_other_families(tmp_path, monkeypatch):
+    """stages.mixed_bit scores candidate recipes on STS-B: other families get one line, not a crash."""
+    from stages import mixed_bit
+    from stages.schema import ConfigError
+
+    params = tmp_path / "params.yaml"
+    compose(["model=custom", f"data.dir={ROOT / 'data/stsb'}"], params)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.family='custom' is not allowed for stages\.mixed_bit"):
+        mixed_bit.main(["--params", str(params), "--name", "x", "--min-cosine", "0.97"])
+    assert not (tmp_path / "conf").exists()
