@@ -109,6 +109,7 @@ def evaluate(model, reference, tokenizer, pairs: Pairs, float_embeddings: torch.
         **size_metrics(rows, readback, float_report),
         "num_pairs": len(pairs),
     }
+    metrics["quality"] = metrics["sts_spearman"]  # the headline every family's metrics carry
     metrics["meets_target"] = bool(metrics["spearman_drop"] <= cfg.max_spearman_drop
                                    and metrics["mean_cosine"] >= cfg.min_mean_cosine)
     return metrics, rows, pair_similarities(embeddings, len(pairs))

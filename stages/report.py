@@ -5,7 +5,7 @@
 
 Reads `dvc exp show --json` (experiments, the workspace and the commit they
 branch from), writes `<out>/pareto.png` (package MB against STS-B Spearman and
-against mean cosine fidelity; points numbered by size, Pareto-optimal ones in
+against mean cosine fidelity, or another model family's headline quality; points numbered by size, Pareto-optimal ones in
 red with a key naming the settings that differ from the commit's) and
 `<out>/experiments.md`.
 For a per-experiment comparison in DVC itself: `dvc plots diff <exp> <exp>`
@@ -51,6 +51,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return optimal
 
 
+# The headline quality of each model family's metrics, by the key that carries it (evaluate's "quality").
+QUALITY_TITLES = {"sts_spearman": "STS-B Spearman x100", "psnr_db": "output PSNR (dB) against float",
+                  "next_token_agreement": "next-token agreement with float",
+                  "top1_agreement": "top-1 agreement with float"}
+
+
+def axes_of(metrics: dict) -> list[tuple[str, str]]:
+    """(metric key, title) of the quality axes: STS-B and cosine for the sentence embedder,
+    the family's headline quality (plus cosine where it has one) for the others."""
+    primary = next((key for key in QUALITY_TITLES if key in metrics), "quality")
+    axes = [(primary, QUALITY_TITLES.get(primary, "quality"))]
+    if "mean_cosine" in metrics:
+        axes.append(("mean_cosine", "mean cosine to the float outputs"))
+    return axes
+
+
 def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
             all_commits: bool = False) -> list[dict]:
     """Experiment rows with metrics, each distinct result once, labelled against HEAD's params."""
@@ -65,7 +81,7 @@ def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
         # The same recipe again (an experiment of the commit's own config, or the
         # same run under several commits: provenance moves the size by a byte or two).
         m = row["metrics"]
-        result = (round(m["package_bytes"] / 1e4), m["sts_spearman"], m["mean_cosine"])
+        result = (round(m["package_bytes"] / 1e4), *(m.get(key) for key, _ in axes_of(m)))
         recipe = json.dumps(row["params"], sort_keys=True, default=str)
         if row["rev"] in seen or recipe in seen or result in seen:
             continue
@@ -85,16 +101,18 @@ def by_size(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     rows = by_size(rows)
-    size_sts = pareto_front([(r["metrics"]["package_bytes"], r["metrics"]["sts_spearman"]) for r in rows])
-    size_cos = pareto_front([(r["metrics"]["package_bytes"], r["metrics"]["mean_cosine"]) for r in rows])
-    lines = ["| # | experiment | recipe (differs from the commit) | size MB | ratio to fp16 | STS-B Spearman "
-             "| mean cosine | meets target | Pareto (size, STS-B) | Pareto (size, cosine) |",
-             "|---:|---|---|---:|---:|---:|---:|:---:|:---:|:---:|"]
-    for r, on_sts, on_cos in zip(rows, size_sts, size_cos):
+    axes = axes_of(rows[0]["metrics"])
+    fronts = [pareto_front([(r["metrics"]["package_bytes"], r["metrics"][key]) for r in rows]) for key, _ in axes]
+    lines = ["| # | experiment | recipe (differs from the commit) | size MB | ratio to fp16 | "
+             + " | ".join(title for _, title in axes) + " | meets target | "
+             + " | ".join(f"Pareto (size, {key})" for key, _ in axes) + " |",
+             "|---:|---|---|---:|---:|" + "---:|" * len(axes) + ":---:|" + ":---:|" * len(axes)]
+    for index, r in enumerate(rows):
         m = r["metrics"]
+        values = " | ".join(f"{m[key]:.4f}" if key != "sts_spearman" else f"{m[key]:.2f}" for key, _ in axes)
+        marks = " | ".join("*" if front[index] else "" for front in fronts)
         lines.append(f"| {r['number']} | {r['name']} | {r['label']} | {m['package_bytes'] / 1e6:.2f} "
-                     f"| {m['size_ratio']:.3f} | {m['sts_spearman']:.2f} | {m['mean_cosine']:.4f} "
-                     f"| {'yes' if m.get('meets_target') else 'no'} | {'*' if on_sts else ''} | {'*' if on_cos else ''} |")
+                     f"| {m['size_ratio']:.3f} | {values} | {'yes' if m.get('meets_target') else 'no'} | {marks} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,10 +129,10 @@ def chart(rows: list[dict], path: Path) -> None:
     float_mb = next((r["metrics"]["float16_package_bytes"] / 1e6 for r in rows
                      if "float16_package_bytes" in r["metrics"]), None)
     sizes = [r["metrics"]["package_bytes"] / 1e6 for r in rows]
-    figure, axes = plt.subplots(1, 2, figsize=(14, 6.2))
+    panels = axes_of(rows[0]["metrics"])
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6.2), squeeze=False)
     labelled = set()
-    for axis, key, title in ((axes[0], "sts_spearman", "STS-B Spearman x100"),
-                             (axes[1], "mean_cosine", "mean cosine to the float embeddings")):
+    for axis, (key, title) in zip(axes[0], panels):
         quality = [r["metrics"][key] for r in rows]
         optimal = pareto_front(list(zip(sizes, quality)))
         axis.scatter(sizes, quality, c=["tab:red" if o else "tab:gray" for o in optimal], s=30, zorder=3)

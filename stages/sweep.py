@@ -45,8 +45,11 @@ OBJECTIVES = {
     "sts_spearman": "STS-B Spearman x100 (maximize)",
     "mean_cosine": "mean cosine to the float embeddings (maximize)",
     "size_and_spearman": "[package MB (minimize), STS-B Spearman (maximize)] for multi-objective Optuna",
+    "quality": "the model family's headline quality: STS-B Spearman, PSNR dB or agreement (maximize)",
+    "size_and_quality": "[package MB (minimize), quality (maximize)] for multi-objective Optuna, any family",
 }
-MAXIMIZED = {"sts_spearman", "mean_cosine"}
+MAXIMIZED = {"sts_spearman", "mean_cosine", "quality"}
+PAIRS = ("size_and_spearman", "size_and_quality")
 
 
 def pipeline_overrides(task_overrides: list[str]) -> list[str]:
@@ -63,7 +66,7 @@ def experiment_name(prefix: str, overrides: list[str]) -> str:
 def objective(name: str, metrics: dict | None) -> float | list[float]:
     if name not in OBJECTIVES:
         raise ConfigError(f"config error: sweep.objective={name!r} is not allowed; allowed: {', '.join(OBJECTIVES)}")
-    worst = [PENALTY, -PENALTY] if name == "size_and_spearman" else -PENALTY if name in MAXIMIZED else PENALTY
+    worst = [PENALTY, -PENALTY] if name in PAIRS else -PENALTY if name in MAXIMIZED else PENALTY
     if metrics is None:  # failed job: worst possible value in the objective's direction
         return worst
     size_mb = metrics["package_bytes"] / 1e6
@@ -71,8 +74,8 @@ def objective(name: str, metrics: dict | None) -> float | list[float]:
         value = size_mb if metrics["meets_target"] else 1000.0 + size_mb
     elif name == "package_mb":
         value = size_mb
-    elif name == "size_and_spearman":
-        value = [size_mb, float(metrics["sts_spearman"])]
+    elif name in PAIRS:
+        value = [size_mb, float(metrics["sts_spearman" if name == "size_and_spearman" else "quality"])]
     else:
         value = float(metrics[name])
     # A collapsed model can score NaN; a sweeper must rank it last, not first.
@@ -114,8 +117,8 @@ def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str
     (output_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if result.get("metrics"):
         m = result["metrics"]
-        log.info("experiment %s: %.2f MB, STS-B %.2f, cosine %.4f, target %s, ran %s", name,
-                 m["package_bytes"] / 1e6, m["sts_spearman"], m["mean_cosine"],
+        log.info("experiment %s: %.2f MB, quality %.4f, target %s, ran %s", name,
+                 m["package_bytes"] / 1e6, m.get("quality", m.get("sts_spearman", float("nan"))),
                  "met" if m["meets_target"] else "missed", ", ".join(result["stages_run"]) or "nothing")
     return result
 

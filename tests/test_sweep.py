@@ -147,3 +147,25 @@ def test_report_labels_a_mixed_bit_recipe_by_its_widths():
              "palettize.layer_bits.embeddings.word_embeddings": 2, "palettize.layer_bits.encoder.layer.1.output.dense": 6}
     assert recipe_label(mixed, reference) == ("palettize.group_size=16 "
                                               "palettize.layer_bits=(3 layers: 2-bit 1, 6-bit 2)")
+
+
+def test_other_families_are_ranked_and_charted_by_their_own_quality(tmp_path, monkeypatch):
+    """A causal LM sweep: the objective and the report use next-token agreement (evaluate's
+    "quality"); there is no cosine axis for it."""
+    def lm(mb, agreement, meets):
+        return {"package_bytes": int(mb * 1e6), "size_ratio": mb / 40, "quality": agreement,
+                "next_token_agreement": agreement, "perplexity": 12.0, "meets_target": meets}
+
+    assert sweep.objective("quality", lm(5, 0.93, True)) == pytest.approx(0.93)
+    assert sweep.objective("size_and_quality", lm(5, 0.93, True)) == [pytest.approx(5.0), pytest.approx(0.93)]
+    assert sweep.objective("quality", None) == -sweep.PENALTY
+    rows = [{"name": f"lm-{i}", "rev": f"r{i}", "kind": "experiment", "params": {"palettize.n_bits": bits},
+             "metrics": lm(mb, agreement, agreement >= 0.9)}
+            for i, (bits, mb, agreement) in enumerate([(4, 10, 0.95), (2, 5, 0.7), (3, 8, 0.6)])]
+    monkeypatch.setattr(report.experiments, "experiments", lambda cwd=None, all_commits=False: rows)
+    report.report(tmp_path)
+    table = (tmp_path / "experiments.md").read_text().splitlines()
+    assert "next-token agreement with float" in table[0] and "cosine" not in table[0]
+    assert [line.split(" | ")[1] for line in table[2:]] == ["lm-1", "lm-2", "lm-0"]
+    assert table[2].endswith("| no | * |") and table[3].endswith("| no |  |") and table[4].endswith("| yes | * |")
+    assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")
