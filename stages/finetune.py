@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from stages import config, runtime
 from stages.calibrate import cosine_loss
 from stages.data import load_pairs
+from stages.families.base import to_device, torch_device
 from stages.model import (COREML_PREFIX, PALETTIZATION, compression_types, load_tokenizer, load_weights,
                           save_weights, tokenize)
 from stages.schema import FinetuneConfig, QuantizeConfig
@@ -172,10 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = params["model"]
     pairs = load_pairs(params["data"], params["data"].train_file)
     data = batches(pairs, load_tokenizer(model_cfg), model_cfg.max_length, cfg.batch_size, cfg.steps, cfg.seed)
-    model = load_weights(model_cfg, args.weights)
-    with runtime.timed(log, f"finetune method={cfg.method} {cfg.steps} steps of {cfg.batch_size} pairs"):
-        model = train(model, cfg, data, log)
-    save_weights(model, out)
+    device = torch_device(model_cfg)
+    model = load_weights(model_cfg, args.weights).to(device)
+    with runtime.timed(log, f"finetune method={cfg.method} {cfg.steps} steps of {cfg.batch_size} pairs on {device}"):
+        model = train(model, cfg, (to_device(batch, device) for batch in data), log)
+    save_weights(model.cpu(), out)
     log.info("wrote %s", out)
 
 

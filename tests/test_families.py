@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_project_copy, run
-from tiny_families import REDUCED, ROOT, compose, family_overrides, run_stages, tiny_sd_pipeline
+from stages.inprocess import run_stages
+from tiny_families import REDUCED, ROOT, compose, family_overrides, tiny_sd_pipeline
 
 ALL_STAGES = ["validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
               "coreml_compress", "evaluate"]
@@ -44,7 +45,7 @@ def run_family(case: str, tmp_path: Path, monkeypatch) -> dict:
     params = tmp_path / "params.yaml"
     compose(family_overrides(family, tmp_path) + REDUCED + extra, params)
     monkeypatch.chdir(tmp_path)
-    assert run_stages(params, tmp_path) == ALL_STAGES
+    assert run_stages(params) == ALL_STAGES
     return {name: json.loads((tmp_path / path).read_text()) for name, path in (
         ("metrics", "metrics/evaluate.json"), ("readback", "artifacts/convert/readback.json"),
         ("baseline", "artifacts/baseline/report.json"), ("coreml", "metrics/coreml.json"))}

@@ -4,8 +4,6 @@ tests only: random weights say nothing about compression quality."""
 
 from __future__ import annotations
 
-import importlib
-import shlex
 from pathlib import Path
 
 import yaml
@@ -142,22 +140,6 @@ def compose(overrides: list[str], path: Path) -> dict:
     text = compose_text(overrides)
     path.write_text(text, encoding="utf-8")
     return yaml.safe_load(text)
-
-
-def run_stages(params: Path, workdir: Path, only: tuple[str, ...] | None = None) -> list[str]:
-    """Every stage of dvc.yaml in its order, in this process, with dvc.yaml's own command
-    lines (relative paths resolve under ``workdir``, the current directory)."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    ran = []
-    for name, stage in stages.items():
-        if only is not None and name not in only:
-            continue
-        argv = shlex.split(stage["cmd"])
-        assert argv[:2] == ["python", "-m"], stage["cmd"]
-        module = importlib.import_module(argv[2])
-        module.main([*argv[3:], "--params", str(params)])
-        ran.append(name)
-    return ran
 
 
 class UntraceableNet:

@@ -1,0 +1,65 @@
+"""The custom model family on real weights: all-MiniLM-L6-v2 as a user module
+(examples/minilm.py), every stage in process, a few palettization recipes,
+scored by output PSNR against the float module (the family's metric).
+
+It answers whether the output-probe sensitivity (the custom and sd_unet families'
+calibration loss, stages/families/base.py) helps: sensitive k-means weighted by it
+against data-free k-means at the same size.
+
+    python -m bench.custom_minilm       # about 10 minutes on 2 cores; writes bench/results/custom_minilm.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from stages.config import compose_text
+from stages.inprocess import run_stages
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["model=custom", "model.module._target_=examples.minilm.bert_encoder", "~model.module.channels",
+        "model.example_inputs._target_=examples.minilm.sentence_tokens", "~model.example_inputs.size",
+        f"data.dir={ROOT / 'data/stsb'}", "data.eval_max_pairs=64", "calibrate.num_samples=64", "convert.seq_len=32"]
+RECIPES = {
+    "kmeans-4bit-g16 (data-free)": ["palettize=kmeans", "palettize.group_size=16"],
+    "sensitive-kmeans-4bit-g16 (output probe)": ["palettize=sensitive_kmeans", "palettize.group_size=16"],
+    "sensitive-kmeans-4bit-g4 (output probe, exact_dp)": ["palettize=sensitive_kmeans", "palettize.group_size=4",
+                                                          "palettize.kmeans_solver=exact_dp"],
+    "kmeans-2bit-g16 (data-free)": ["palettize=kmeans", "palettize.n_bits=2", "palettize.group_size=16"],
+    "sensitive-kmeans-2bit-g16 (output probe)": ["palettize=sensitive_kmeans", "palettize.n_bits=2",
+                                                 "palettize.group_size=16"],
+}
+KEYS = ("psnr_db", "min_psnr_db", "mean_cosine", "package_bytes", "size_ratio", "readback_max_abs_diff")
+
+
+def main() -> None:
+    results = {}
+    home = Path.cwd()
+    for name, overrides in RECIPES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            params = Path(tmp) / "params.yaml"
+            params.write_text(compose_text(BASE + overrides), encoding="utf-8")
+            os.chdir(tmp)
+            start = time.perf_counter()
+            try:
+                run_stages(params)
+                metrics = json.loads(Path("metrics/evaluate.json").read_text())
+            finally:
+                os.chdir(home)
+            results[name] = {"overrides": overrides, "seconds": round(time.perf_counter() - start, 1),
+                             **{key: metrics[key] for key in KEYS}}
+            print(name, results[name], flush=True)
+    out = ROOT / "bench" / "results" / "custom_minilm.json"
+    out.write_text(json.dumps({"base": BASE, "recipes": results}, indent=2) + "\n", encoding="utf-8")
+    lines = ["| recipe | PSNR dB (mean / min) | cosine | package MB | ratio to fp16 |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r['psnr_db']:.2f} / {r['min_psnr_db']:.2f} | {r['mean_cosine']:.4f} "
+              f"| {r['package_bytes'] / 1e6:.2f} | {r['size_ratio']:.3f} |" for n, r in results.items()]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
