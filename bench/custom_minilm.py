@@ -6,7 +6,8 @@ It answers whether the output-probe sensitivity (the custom and sd_unet families
 calibration loss, stages/families/base.py) helps: sensitive k-means weighted by it
 against data-free k-means at the same size.
 
-    python -m bench.custom_minilm       # about 10 minutes on 2 cores; writes bench/results/custom_minilm.json
+    python -m bench.custom_minilm               # every recipe, about 15 minutes on 2 cores
+    python -m bench.custom_minilm "<recipe>"    # one recipe, merged into bench/results/custom_minilm.json
 """
 
 from __future__ import annotations
@@ -32,14 +33,25 @@ RECIPES = {
     "kmeans-2bit-g16 (data-free)": ["palettize=kmeans", "palettize.n_bits=2", "palettize.group_size=16"],
     "sensitive-kmeans-2bit-g16 (output probe)": ["palettize=sensitive_kmeans", "palettize.n_bits=2",
                                                  "palettize.group_size=16"],
+    # The embedding tables left float16: does the probe help the Linear layers alone?
+    "kmeans-4bit-g16, embeddings float16 (data-free)": ["palettize=kmeans", "palettize.group_size=16",
+                                                        "palettize.embeddings.enabled=false"],
+    "sensitive-kmeans-4bit-g16, embeddings float16 (output probe)": [
+        "palettize=sensitive_kmeans", "palettize.group_size=16", "palettize.embeddings.enabled=false"],
 }
 KEYS = ("psnr_db", "min_psnr_db", "mean_cosine", "package_bytes", "size_ratio", "readback_max_abs_diff")
 
 
-def main() -> None:
-    results = {}
+def main(argv: list[str] | None = None) -> None:
+    """Runs the recipes named on the command line (default: all), merged into the stored results."""
+    import sys
+
+    wanted = (sys.argv[1:] if argv is None else argv) or list(RECIPES)
+    out = ROOT / "bench" / "results" / "custom_minilm.json"
+    results = json.loads(out.read_text())["recipes"] if out.is_file() else {}
     home = Path.cwd()
-    for name, overrides in RECIPES.items():
+    for name in wanted:
+        overrides = RECIPES[name]
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"
             params.write_text(compose_text(BASE + overrides), encoding="utf-8")
@@ -53,7 +65,7 @@ def main() -> None:
             results[name] = {"overrides": overrides, "seconds": round(time.perf_counter() - start, 1),
                              **{key: metrics[key] for key in KEYS}}
             print(name, results[name], flush=True)
-    out = ROOT / "bench" / "results" / "custom_minilm.json"
+    results = {name: results[name] for name in RECIPES if name in results}
     out.write_text(json.dumps({"base": BASE, "recipes": results}, indent=2) + "\n", encoding="utf-8")
     lines = ["| recipe | PSNR dB (mean / min) | cosine | package MB | ratio to fp16 |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {n} | {r['psnr_db']:.2f} / {r['min_psnr_db']:.2f} | {r['mean_cosine']:.4f} "
