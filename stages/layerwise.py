@@ -43,6 +43,12 @@ def layer_groups(model: torch.nn.Module, budget: int = HESSIAN_BUDGET_BYTES) -> 
     return groups + ([current] if current else [])
 
 
+def run_samples(family, wrapped: torch.nn.Module, samples: list[dict], device) -> None:
+    """The calibration forward passes; their outputs are not kept (the hooks take what they need)."""
+    for sample in samples:
+        family.call(wrapped, sample, device)
+
+
 @torch.no_grad()
 def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, forward: Callable[[], None],
                         budget: int = HESSIAN_BUDGET_BYTES) -> torch.nn.Module:

@@ -81,11 +81,11 @@ def prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor] 
 def sparse_gpt_each_layer(model: torch.nn.Module, cfg: PruneConfig, family, samples: list[dict],
                           device: torch.device) -> torch.nn.Module:
     """SparseGPT for a network without a block stack (stages/layerwise.py)."""
-    from stages.layerwise import compress_each_layer
+    from stages.layerwise import compress_each_layer, run_samples
 
     wrapped = family.wrap(model).eval().to(device)
     compress_each_layer(model, "sparse_gpt", sparse_gpt_options(cfg),
-                        lambda: [family.call(wrapped, sample, device) for sample in samples])
+                        lambda: run_samples(family, wrapped, samples, device))
     return model.cpu()
 
 

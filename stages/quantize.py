@@ -111,11 +111,11 @@ def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
 
 def gptq_each_layer(model: torch.nn.Module, cfg: QuantizeConfig, family, samples: list[dict],
                     device) -> torch.nn.Module:
-    from stages.layerwise import compress_each_layer
+    from stages.layerwise import compress_each_layer, run_samples
 
     wrapped = family.wrap(model).eval().to(device)
     compress_each_layer(model, "gptq", module_config(cfg),
-                        lambda: [family.call(wrapped, sample, device) for sample in samples])
+                        lambda: run_samples(family, wrapped, samples, device))
     return model.cpu()
 
 

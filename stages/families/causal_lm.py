@@ -88,26 +88,28 @@ class CausalLM(Family):
     def example_inputs(self, seq_len: int) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.zeros((1, seq_len), dtype=torch.int32)}
 
-    def _windows(self, file_name: str) -> list[torch.Tensor]:
+    def _windows(self, key: str) -> list[torch.Tensor]:
+        """Non-overlapping windows of model.max_length tokens of the text file data.<key>."""
         from stages.model import load_tokenizer
 
+        file_name = getattr(self.data, key)
         text = (Path(self.data.dir) / file_name).read_text(encoding="utf-8")
         ids = load_tokenizer(self.cfg)(text, add_special_tokens=False, return_tensors="pt",
                                        verbose=False)["input_ids"][0]
         length = self.cfg.max_length
         windows = [ids[start:start + length][None] for start in range(0, len(ids) - length + 1, length)]
         if not windows:
-            raise ValueError(f"data.{file_name}: {len(ids)} tokens, fewer than one window of "
-                             f"model.max_length={length}; allowed: a longer text or a smaller max_length")
+            raise ValueError(f"config error: data.{key}={file_name!r} holds {len(ids)} tokens, fewer than one "
+                             f"window of model.max_length={length}; allowed: a longer text or a smaller max_length")
         return windows
 
     def calibration_samples(self, num_samples: int, seed: int) -> list[dict]:
-        windows = self._windows(self.data.calibration_file)
+        windows = self._windows("calibration_file")
         random.Random(seed).shuffle(windows)
         return [{"input_ids": ids} for ids in windows[:num_samples]]
 
     def eval_samples(self) -> list[dict]:
-        windows = self._windows(self.data.eval_file)
+        windows = self._windows("eval_file")
         return [{"input_ids": ids} for ids in windows[:self.data.eval_max_pairs or len(windows)]]
 
     def layerwise_samples(self, num_samples: int) -> list[torch.Tensor]:
