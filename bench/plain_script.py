@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from stages import calibrate, config, palettize, runtime
+from stages import calibrate, config, families, palettize, runtime
 from stages.convert import convert_and_check
 from stages.data import calibration_pairs, eval_pairs
 from stages.evaluate import evaluate, sts_spearman
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, float_model = load_tokenizer(model_cfg), load_float_model(model_cfg)
     pairs = eval_pairs(params["data"])
     float_embeddings = encode(float_model, tokenizer, pairs.sentences(), model_cfg, params["evaluate"].batch_size)
-    float_package = convert_and_check(float_model, model_cfg, params["convert"], out / "float16.mlpackage", log, {})
+    float_package = convert_and_check(float_model, families.get(model_cfg), params["convert"], out / "float16.mlpackage", log, {})
     float_report = {"spearman": sts_spearman(float_embeddings, pairs), "package_bytes": float_package["package_bytes"]}
 
     model = copy.deepcopy(float_model)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg.max_length)
     sensitivity = calibrate.sensitivity(model, calibration)
     model = palettize.run(model, params["palettize"], sensitivity, log)
-    readback = convert_and_check(model, model_cfg, params["convert"], out / "model.mlpackage", log, {})
+    readback = convert_and_check(model, families.get(model_cfg), params["convert"], out / "model.mlpackage", log, {})
     metrics, _, _ = evaluate(model, float_model, tokenizer, pairs, float_embeddings, model_cfg, params["evaluate"],
                              readback, float_report)
     metrics["seconds"] = round(time.perf_counter() - start, 1)

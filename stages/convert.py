@@ -27,27 +27,17 @@ from stages import config, families, runtime
 from stages import provenance as provenance_lib
 from stages.model import COREML_PREFIX, load_weights
 from stages.precision import bounded_index_search
-from stages.schema import ConvertConfig, ModelConfig
+from stages.schema import ConvertConfig
 
 CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
-def as_family(family_or_model: ModelConfig | object):
-    """A model family object; a ModelConfig is turned into its family (stages/families/)."""
-    return families.get(family_or_model) if isinstance(family_or_model, ModelConfig) else family_or_model
-
-
 def to_mlmodel(network: torch.nn.Module, family, cfg: ConvertConfig):
-    """Trace the family's wrapper of ``network`` (for the sentence embedder: BertModel +
-    pooling on (1, seq_len) int32 inputs) and convert it. ``family``: a family object or
-    the model section."""
+    """Trace the family's wrapper of ``network`` (stages/families/; for the sentence embedder:
+    BertModel + pooling on (1, seq_len) int32 inputs) and convert it."""
     import coremltools as ct
 
-    family = as_family(family)
-    wrapped = family.wrap(network).eval()
-    example = family.example_inputs(cfg.seq_len)
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapped, tuple(example.values()), strict=False)
+    traced, example = family.trace(network, cfg.seq_len)
     inputs = [ct.TensorType(name=name, shape=tuple(value.shape),
                             dtype=np.int32 if not value.is_floating_point() else np.float32)
               for name, value in example.items()]
@@ -212,7 +202,6 @@ def readback(bert: torch.nn.Module, package: str | Path, prefix: str = "bert") -
 
 def convert_and_check(network: torch.nn.Module, family, cfg: ConvertConfig, out: Path, log,
                       provenance: dict[str, str]) -> dict:
-    family = as_family(family)
     with runtime.timed(log, f"ct.convert to {cfg.minimum_deployment_target} mlprogram"):
         mlmodel = to_mlmodel(network, family, cfg)
     save_package(mlmodel, out, provenance)

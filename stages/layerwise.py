@@ -13,7 +13,6 @@ the Hessians held at once stay under a memory budget."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import torch
 
@@ -43,23 +42,19 @@ def layer_groups(model: torch.nn.Module, budget: int = HESSIAN_BUDGET_BYTES) -> 
     return groups + ([current] if current else [])
 
 
-def run_samples(family, wrapped: torch.nn.Module, samples: list[dict], device) -> None:
-    """The calibration forward passes; their outputs are not kept (the hooks take what they need)."""
-    for sample in samples:
-        family.call(wrapped, sample, device)
-
-
 @torch.no_grad()
-def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, forward: Callable[[], None],
-                        budget: int = HESSIAN_BUDGET_BYTES) -> torch.nn.Module:
+def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, family, samples: list[dict],
+                        device, budget: int = HESSIAN_BUDGET_BYTES) -> torch.nn.Module:
     """Run coremltools' ``algorithm`` ("sparse_gpt" or "gptq", with its module ``options``) on
-    every Linear/Conv2d layer of ``model``; ``forward()`` runs the calibration samples through it."""
+    every Linear/Conv2d layer of ``model``, fed the family's calibration ``samples`` on ``device``;
+    the model comes back on the CPU."""
     from coremltools.optimize.torch._utils.metadata_utils import register_metadata_version
     from coremltools.optimize.torch.layerwise_compression.algorithms import (
         LayerwiseCompressionAlgorithm, LayerwiseCompressionAlgorithmConfig)
 
     config = LayerwiseCompressionAlgorithmConfig.get_class(algorithm).from_dict({"algorithm": algorithm, **options})
     algorithm_class = LayerwiseCompressionAlgorithm.get_class(algorithm)
+    wrapped = family.wrap(model).eval().to(device)
     groups = layer_groups(model, budget)
     for index, group in enumerate(groups):
         workers = {name: algorithm_class(layer, config) for name, layer in group}
@@ -67,7 +62,8 @@ def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, f
                      lambda _, inputs, output, worker=workers[name]: worker.add_batch(inputs[0].data, output.data))
                  for name, layer in group]
         try:
-            forward()
+            for sample in samples:  # outputs are not kept: the hooks take what they need
+                family.call(wrapped, sample, device)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -76,4 +72,4 @@ def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, f
             worker.cleanup()
         log.info("%s: layer group %d of %d done (%d layers)", algorithm, index + 1, len(groups), len(group))
     register_metadata_version(model)
-    return model
+    return model.cpu()

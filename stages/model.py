@@ -27,6 +27,8 @@ from stages.runtime import partial_path
 from stages.schema import PACKAGED_PREFIX, ModelConfig
 
 COREML_PREFIX = "_COREML_"
+# BertModel's repeated blocks: what coremltools' LayerwiseCompressor (SparseGPT, GPTQ) walks.
+BERT_BLOCKS = r"encoder\.layer\.\d+"
 # coremltools' CompressionType values, as stored in the compression_type buffer.
 PRUNING, PALETTIZATION, QUANTIZATION = 1, 2, 3
 

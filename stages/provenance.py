@@ -23,7 +23,8 @@ SOURCES = ("stages", "conf", "params.yaml", "dvc.yaml", "data", "requirements.tx
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file; of a folder (an image folder), over its files' relative names and hashes."""
+    """sha256 of a file; of a folder (a package's weights, an image folder), over its files'
+    relative names and hashes."""
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -39,12 +40,7 @@ def sha256_file(path: Path) -> str:
 
 def package_weights_sha256(package: Path) -> str:
     """One sha256 over every weight file of a package (relative name and bytes)."""
-    digest = hashlib.sha256()
-    weights = package / "Data" / "com.apple.CoreML" / "weights"
-    for file in sorted(p for p in weights.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(weights).as_posix().encode())
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()
+    return sha256_file(package / "Data" / "com.apple.CoreML" / "weights")
 
 
 def git_state(root: Path = Path(".")) -> tuple[str, bool]:

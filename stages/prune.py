@@ -16,8 +16,8 @@ import torch
 
 from stages import config, families, runtime
 from stages.families.base import torch_device
-from stages.model import load_tokenizer, save_weights
-from stages.schema import LAYERWISE_FAMILIES, DataConfig, ModelConfig, PruneConfig
+from stages.model import BERT_BLOCKS, load_tokenizer, save_weights
+from stages.schema import DataConfig, ModelConfig, PruneConfig
 
 # The layers coremltools' MagnitudePruner prunes; embeddings stay dense.
 PRUNED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -48,7 +48,7 @@ def calibration_inputs(model_cfg: ModelConfig, data_cfg: DataConfig, num_samples
 
 
 def sparse_gpt_prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor],
-                     blocks: str = r"encoder\.layer\.\d+", device: str = "cpu") -> torch.nn.Module:
+                     blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
     from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
 
     global_cfg = {"algorithm": "sparse_gpt", **sparse_gpt_options(cfg)}
@@ -70,23 +70,12 @@ def sparse_gpt_options(cfg: PruneConfig) -> dict:
 
 
 def prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor] | None = None,
-          blocks: str = r"encoder\.layer\.\d+", device: str = "cpu") -> torch.nn.Module:
+          blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
     if cfg.method == "magnitude":
         return magnitude_prune(model, cfg)
     if cfg.method == "sparse_gpt":
         return sparse_gpt_prune(model, cfg, samples or [], blocks, device)
     return model
-
-
-def sparse_gpt_each_layer(model: torch.nn.Module, cfg: PruneConfig, family, samples: list[dict],
-                          device: torch.device) -> torch.nn.Module:
-    """SparseGPT for a network without a block stack (stages/layerwise.py)."""
-    from stages.layerwise import compress_each_layer, run_samples
-
-    wrapped = family.wrap(model).eval().to(device)
-    compress_each_layer(model, "sparse_gpt", sparse_gpt_options(cfg),
-                        lambda: run_samples(family, wrapped, samples, device))
-    return model.cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,8 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     family.check_traceable(model, seq_len=8)
     device = torch_device(params["model"])
     with runtime.timed(log, f"prune method={cfg.method}"):
-        if cfg.method == "sparse_gpt" and params["model"].family not in LAYERWISE_FAMILIES:
-            model = sparse_gpt_each_layer(model, cfg, family, family.calibration_samples(cfg.num_samples, 0), device)
+        if cfg.method == "sparse_gpt" and not family.block_stack:
+            from stages.layerwise import compress_each_layer
+
+            model = compress_each_layer(model, "sparse_gpt", sparse_gpt_options(cfg), family,
+                                        family.calibration_samples(cfg.num_samples, 0), device)
         elif cfg.method == "sparse_gpt":
             model = prune(model, cfg, family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model),
                           device)

@@ -20,9 +20,10 @@ import torch
 
 from stages import config, families, runtime
 from stages.families.base import torch_device
-from stages.model import QUANTIZATION, compressible_weights, compression_types, load_weights, save_weights
+from stages.model import (BERT_BLOCKS, QUANTIZATION, compressible_weights, compression_types, load_weights,
+                          save_weights)
 from stages.precision import expand_blocks, round_like_package, warn_lost_rows
-from stages.schema import LAYERWISE_FAMILIES, QuantizeConfig
+from stages.schema import QuantizeConfig
 
 SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
 
@@ -43,7 +44,7 @@ def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Mod
 
 
 def gptq_quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor],
-                  blocks: str = r"encoder\.layer\.\d+", device: str = "cpu") -> torch.nn.Module:
+                  blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
     from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
 
     compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
@@ -109,23 +110,15 @@ def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
     return done
 
 
-def gptq_each_layer(model: torch.nn.Module, cfg: QuantizeConfig, family, samples: list[dict],
-                    device) -> torch.nn.Module:
-    from stages.layerwise import compress_each_layer, run_samples
-
-    wrapped = family.wrap(model).eval().to(device)
-    compress_each_layer(model, "gptq", module_config(cfg),
-                        lambda: run_samples(family, wrapped, samples, device))
-    return model.cpu()
-
-
 def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
-             blocks: str = r"encoder\.layer\.\d+", device: str = "cpu", family=None) -> torch.nn.Module:
+             blocks: str = BERT_BLOCKS, device: str = "cpu", family=None) -> torch.nn.Module:
     """``family`` given: GPTQ layer by layer on its samples (a network without a block stack)."""
     if cfg.method == "none":
         return model
     if cfg.method == "gptq" and family is not None:
-        model = gptq_each_layer(model, cfg, family, samples or [], device)
+        from stages.layerwise import compress_each_layer
+
+        model = compress_each_layer(model, "gptq", module_config(cfg), family, samples or [], device)
     elif cfg.method == "gptq":
         model = gptq_quantize(model, cfg, samples or [], blocks, device)
         outside_blocks(model, cfg)
@@ -137,7 +130,7 @@ def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None =
 
 
 def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
-        log=None, blocks: str = r"encoder\.layer\.\d+", device: str = "cpu", family=None) -> torch.nn.Module:
+        log=None, blocks: str = BERT_BLOCKS, device: str = "cpu", family=None) -> torch.nn.Module:
     """The whole stage on a model in memory: quantize, then round to what the package stores."""
     if cfg.method == "none":
         return model
@@ -164,14 +157,14 @@ def main(argv: list[str] | None = None) -> None:
         log.info("quantize.method is none: %s passes through", args.weights)
         return
     model = load_weights(params["model"], args.weights)
-    samples, blocks = None, r"encoder\.layer\.\d+"
+    samples, blocks = None, BERT_BLOCKS
     device = torch_device(params["model"])
     family = families.get(params["model"], params["data"])
-    each_layer = cfg.method == "gptq" and params["model"].family not in LAYERWISE_FAMILIES
-    if cfg.method == "gptq" and not each_layer:
-        samples, blocks = family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model)
+    each_layer = cfg.method == "gptq" and not family.block_stack
     if each_layer:  # no block stack: coremltools' GPTQ layer by layer (stages/layerwise.py)
         samples = family.calibration_samples(cfg.num_samples, 0)
+    elif cfg.method == "gptq":
+        samples, blocks = family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model)
     with runtime.timed(log, f"quantize method={cfg.method} {cfg.dtype} {cfg.scheme} {cfg.granularity}"):
         model = run(model, cfg, samples, log, blocks, device, family if each_layer else None)
     save_weights(model, args.out)

@@ -534,11 +534,6 @@ def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str,
     return checked
 
 
-# Families whose networks are a stack of repeated blocks, which coremltools' LayerwiseCompressor
-# (SparseGPT, GPTQ) walks; the others run its algorithms layer by layer (stages/layerwise.py).
-LAYERWISE_FAMILIES = ("sentence_embedding", "causal_lm")
-
-
 def check_family(sections: dict[str, Any]) -> None:
     """What a model family can be given: its data format, and fine-tuning (STS-B pairs) only
     for the sentence embedder."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import convert
+from stages import convert, families
 from stages.coreml_compress import compress, load_decoded, plan
 from stages.model import compressible_weights
 from stages.schema import (ConvertConfig, CoremlConfig, ModelConfig, PalettizeConfig, PruneConfig, QuantizeConfig,
@@ -38,7 +38,7 @@ RECIPES = {
 @pytest.fixture(scope="module")
 def float_package(tiny_bert, tmp_path_factory):
     path = tmp_path_factory.mktemp("float") / "float16.mlpackage"
-    convert.save_package(convert.to_mlmodel(tiny_bert(), ModelConfig(), ConvertConfig(seq_len=16)), path)
+    convert.save_package(convert.to_mlmodel(tiny_bert(), families.get(ModelConfig()), ConvertConfig(seq_len=16)), path)
     return path
 
 

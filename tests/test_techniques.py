@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from stages import convert, palettize, quantize
+from stages import convert, families, palettize, quantize
 from stages.calibrate import sensitivity
 from stages.model import compressible_weights
 from stages.prune import prune
@@ -91,7 +91,7 @@ def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, ti
     if quantize_cfg is not None:
         model = quantize.run(model, quantize_cfg, token_batches(4))
 
-    report = convert.convert_and_check(model, ModelConfig(), ConvertConfig(seq_len=16), tmp_path / "m.mlpackage",
+    report = convert.convert_and_check(model, families.get(ModelConfig()), ConvertConfig(seq_len=16), tmp_path / "m.mlpackage",
                                        convert.runtime.log, provenance={})
     assert report["max_abs_diff"] <= 6e-8
     linear = [f"{n}.weight" for n, m in compressible_weights(model) if isinstance(m, torch.nn.Linear)]

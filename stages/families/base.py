@@ -71,6 +71,10 @@ class Family:
     output_name = "output"
     # The config key that names the network (in error messages).
     source_key = "source"
+    # A stack of repeated blocks, which coremltools' LayerwiseCompressor (SparseGPT, GPTQ) walks
+    # (the family then defines layerwise_blocks and layerwise_samples); the others run its
+    # algorithms layer by layer (stages/layerwise.py).
+    block_stack = False
 
     def __init__(self, model: ModelConfig, data: DataConfig | None = None):
         self.cfg = model
@@ -151,26 +155,18 @@ class Family:
                 f"{', '.join(unsupported[:3])}; allowed: weights of "
                 f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} layers")
 
+    @torch.no_grad()
+    def trace(self, module: torch.nn.Module, seq_len: int) -> tuple[torch.jit.ScriptModule, dict[str, torch.Tensor]]:
+        """torch.jit.trace of the wrapped network on the example inputs, and those inputs."""
+        example = self.example_inputs(seq_len)
+        return torch.jit.trace(self.wrap(module).eval(), tuple(example.values()), strict=False), example
+
     def check_traceable(self, module: torch.nn.Module, seq_len: int) -> None:
-        """torch.jit.trace the wrapped float network once, before any compression work."""
+        """Trace the float network once, before any compression work."""
         try:
-            with torch.no_grad():
-                torch.jit.trace(self.wrap(module).eval(), tuple(self.example_inputs(seq_len).values()), strict=False)
+            self.trace(module, seq_len)
         except Exception as exc:  # noqa: BLE001 - any failure means it cannot be converted
             raise self.config_error("its forward cannot be traced with torch.jit.trace for conversion", exc) from None
-
-    def layerwise_blocks(self, module: torch.nn.Module) -> str:
-        """Regex of the repeated blocks SparseGPT/GPTQ walk: the longest ModuleList."""
-        import re
-
-        lists = [(len(child), name) for name, child in module.named_modules()
-                 if isinstance(child, torch.nn.ModuleList) and name]
-        if not lists:
-            raise self.config_error("no stack of blocks (nn.ModuleList) for SparseGPT/GPTQ")
-        return rf"{re.escape(max(lists)[1])}\.\d+"
-
-    def layerwise_samples(self, num_samples: int) -> list[torch.Tensor]:
-        raise self.config_error("SparseGPT/GPTQ need token inputs")
 
     @torch.no_grad()
     def run(self, module: torch.nn.Module, samples: list[dict], device: torch.device) -> dict[str, torch.Tensor]:

@@ -67,6 +67,7 @@ class LogitsOfTokens(torch.nn.Module):
 class CausalLM(Family):
     name = "causal_lm"
     output_name = "logits"
+    block_stack = True
 
     def load_float(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -111,6 +112,17 @@ class CausalLM(Family):
     def eval_samples(self) -> list[dict]:
         windows = self._windows("eval_file")
         return [{"input_ids": ids} for ids in windows[:self.data.eval_max_pairs or len(windows)]]
+
+    def layerwise_blocks(self, module: torch.nn.Module) -> str:
+        """Regex of the decoder blocks SparseGPT/GPTQ walk: the longest ModuleList
+        (model.layers in Llama-style models, transformer.h in GPT-2)."""
+        import re
+
+        lists = [(len(child), name) for name, child in module.named_modules()
+                 if isinstance(child, torch.nn.ModuleList) and name]
+        if not lists:
+            raise self.config_error("no stack of decoder blocks (nn.ModuleList) for SparseGPT/GPTQ")
+        return rf"{re.escape(max(lists)[1])}\.\d+"
 
     def layerwise_samples(self, num_samples: int) -> list[torch.Tensor]:
         return [sample["input_ids"] for sample in self.calibration_samples(num_samples, seed=0)]

@@ -14,6 +14,7 @@ class SentenceEmbedding(Family):
     name = "sentence_embedding"
     prefix = "bert"
     output_name = "embedding"
+    block_stack = True
 
     def load_float(self) -> torch.nn.Module:
         from stages.model import load_bert
@@ -42,7 +43,9 @@ class SentenceEmbedding(Family):
         return cosine_loss(module, sample)
 
     def layerwise_blocks(self, module: torch.nn.Module) -> str:
-        return r"encoder\.layer\.\d+"
+        from stages.model import BERT_BLOCKS
+
+        return BERT_BLOCKS
 
     def layerwise_samples(self, num_samples: int) -> list[torch.Tensor]:
         from stages.prune import calibration_inputs

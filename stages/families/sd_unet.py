@@ -11,6 +11,7 @@ float UNet, the signal-integrity measure of Apple's mixed-bit recipes."""
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,14 @@ class SDUNet(Family):
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return NoisePrediction(module)
 
+    def _is_pipeline(self) -> bool:
+        """A whole pipeline folder (model_index.json) rather than a UNet alone."""
+        source, subfolder = self._location()
+        return subfolder is not None and (Path(source) / "model_index.json").is_file()
+
+    @cached_property
     def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Input shapes, read once from the UNet's config."""
         from diffusers import UNet2DConditionModel
 
         source, subfolder = self._location()
@@ -84,7 +92,7 @@ class SDUNet(Family):
         return sample
 
     def _sample(self, seed: int, text: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        shapes = self._shapes()
+        shapes = self._shapes
         generator = torch.Generator().manual_seed(seed)
         sample = {
             "sample": torch.randn(shapes["sample"], generator=generator),
@@ -107,14 +115,13 @@ class SDUNet(Family):
     def text_embeddings(self, prompts: list[str]) -> list[dict[str, torch.Tensor]] | None:
         """Each prompt encoded by the pipeline's own text encoder(s) (diffusers'
         encode_prompt), or None when the source is a UNet alone."""
-        source, subfolder = self._location()
-        if subfolder is None or not (Path(source) / "model_index.json").is_file():
+        if not self._is_pipeline():
             return None
         from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-        pipe = DiffusionPipeline.from_pretrained(source, unet=None, vae=None, safety_checker=None,
+        pipe = DiffusionPipeline.from_pretrained(self._location()[0], unet=None, vae=None, safety_checker=None,
                                                  feature_extractor=None, image_encoder=None)
         out = []
         with torch.no_grad():
@@ -142,9 +149,7 @@ class SDUNet(Family):
         return self._samples(self.data.eval_file, self.data.eval_max_pairs, first_seed=0)
 
     def text_source(self) -> str:
-        source, subfolder = self._location()
-        pipeline = subfolder is not None and (Path(source) / "model_index.json").is_file()
-        return "pipeline text encoder" if pipeline else "seeded Gaussian (no text encoder in model.source)"
+        return "pipeline text encoder" if self._is_pipeline() else "seeded Gaussian (no text encoder in model.source)"
 
     def loss(self, module: torch.nn.Module, sample: dict) -> torch.Tensor:
         device = next(module.parameters()).device
