@@ -9,13 +9,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages import config, families, runtime
+from stages import config, families, numerics, runtime
 from stages import provenance as provenance_lib
 from stages.convert import convert_and_check
 from stages.data import eval_pairs
 from stages.evaluate import sts_spearman
 from stages.families.base import torch_device
 from stages.model import encode, load_float_model, load_tokenizer, save_tensors
+
+
+def float_provenance(family, params: dict) -> dict[str, str]:
+    """What made the float package: the model, conversion and numerics, on this platform."""
+    platform = numerics.fingerprint(params["runtime"].numerics, torch_device(params["model"]))
+    sections = {name: params[name] for name in ("model", "convert", "runtime")}
+    return provenance_lib.collect(sections, [], family.weights_location(), platform)
 
 
 def family_baseline(family, params: dict, args, log) -> None:
@@ -27,9 +34,8 @@ def family_baseline(family, params: dict, args, log) -> None:
         reference = family.run(network, samples, device)
     quality = family.reference_metrics(reference, samples)
     log.info("float model: %s", quality)
-    provenance = provenance_lib.collect({"model": params["model"], "convert": params["convert"]}, [],
-                                        family.weights_location())
-    report = convert_and_check(network, family, params["convert"], Path(args.package), log, provenance)
+    report = convert_and_check(network, family, params["convert"], Path(args.package), log,
+                               float_provenance(family, params))
     save_tensors(reference, args.embeddings)
     runtime.write_json({**quality, "package_bytes": report["package_bytes"], "num_samples": len(samples),
                         "readback_max_abs_diff": report["max_abs_diff"]}, args.report)
@@ -43,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="float embeddings of the evaluation sentences (other families: float outputs)")
     parser.add_argument("--report", required=True, help="baseline report (.json)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "convert", "evaluate"), args.params)
+    params = config.load(("model", "data", "convert", "evaluate", "runtime"), args.params)
     model_cfg = params["model"]
-    log = runtime.setup("baseline")
+    log = runtime.setup("baseline", numerics=params["runtime"])
 
     family = families.get(model_cfg, params["data"])
     if model_cfg.family != "sentence_embedding":
@@ -57,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         embeddings = encode(bert, load_tokenizer(model_cfg), pairs.sentences(), model_cfg, params["evaluate"].batch_size)
     spearman = sts_spearman(embeddings, pairs)
     log.info("float STS-B Spearman x100: %.2f", spearman)
-    provenance = provenance_lib.collect({"model": model_cfg, "convert": params["convert"]}, [],
-                                        family.weights_location())
-    report = convert_and_check(bert, family, params["convert"], Path(args.package), log, provenance)
+    report = convert_and_check(bert, family, params["convert"], Path(args.package), log,
+                               float_provenance(family, params))
     save_tensors({"embeddings": embeddings.contiguous()}, args.embeddings)
     runtime.write_json({"spearman": spearman, "package_bytes": report["package_bytes"],
                 "num_pairs": len(pairs), "readback_max_abs_diff": report["max_abs_diff"]}, args.report)

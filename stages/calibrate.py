@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", required=True, help="pruned weights from the prune stage")
     parser.add_argument("--out", required=True, help="sensitivity (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "calibrate"), args.params)
+    params = config.load(("model", "data", "calibrate", "runtime"), args.params)
     cfg = params["calibrate"]
-    log = runtime.setup("calibrate", cfg.seed)
+    log = runtime.setup("calibrate", cfg.seed, params["runtime"])
 
     family = families.get(params["model"], params["data"])
     device = torch_device(params["model"])

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import config, families, runtime
+from stages import config, families, numerics, runtime
 from stages import provenance as provenance_lib
+from stages.families.base import torch_device
 from stages.model import COREML_PREFIX, load_weights
 from stages.precision import bounded_index_search
 from stages.schema import ConvertConfig
@@ -226,9 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, help="read-back report (.json)")
     args = parser.parse_args(argv)
     # Every section that shaped the weights is recorded in the package's provenance.
-    params = config.load(("model", "data", "prune", "finetune", "calibrate", "palettize", "quantize", "convert"),
-                         args.params)
-    log = runtime.setup("convert")
+    params = config.load(("model", "data", "prune", "finetune", "calibrate", "palettize", "quantize", "convert",
+                          "runtime"), args.params)
+    log = runtime.setup("convert", numerics=params["runtime"])
 
     data_cfg = params["data"]
     # The data that shaped the weights: calibration samples, and the training pairs when fine-tuned.
@@ -236,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     if params["finetune"].method != "none":
         data_files.append(Path(data_cfg.dir) / data_cfg.train_file)
     family = families.get(params["model"], data_cfg)
-    provenance = provenance_lib.collect(params, data_files, family.weights_location())
+    # The platform of the float passes that made the weights (every stage reads the same runtime section).
+    platform = numerics.fingerprint(params["runtime"].numerics, torch_device(params["model"]))
+    provenance = provenance_lib.collect(params, data_files, family.weights_location(), platform)
     network = load_weights(params["model"], args.weights)
     report = convert_and_check(network, family, params["convert"], Path(args.out), log, provenance)
     runtime.write_json(report, args.report)

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for the Core ML-side .mlpackage")
     parser.add_argument("--metrics", required=True, help="DVC metrics (.json)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "coreml", "evaluate"), args.params)
+    params = config.load(("model", "data", "coreml", "evaluate", "runtime"), args.params)
     cfg: CoremlConfig = params["coreml"]
 
     out = Path(args.out)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.evaluate import fidelity, sts_spearman
     from stages.model import encode, load_float_model, load_tokenizer
 
-    log = runtime.setup("coreml_compress")
+    log = runtime.setup("coreml_compress", numerics=params["runtime"])
     steps, notes = plan(cfg.prune, cfg.palettize, cfg.quantize, cfg)
     if not steps:
         raise ValueError("coreml.enabled: the recipe compresses nothing (prune, palettize and quantize are all none)")

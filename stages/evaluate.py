@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tradeoff", required=True,
                         help="plot data: one row of size and quality (.csv), for `dvc plots diff` across experiments")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "evaluate"), args.params)
+    params = config.load(("model", "data", "evaluate", "runtime"), args.params)
     model_cfg, cfg = params["model"], params["evaluate"]
-    log = runtime.setup("evaluate")
+    log = runtime.setup("evaluate", numerics=params["runtime"])
 
     readback = json.loads(Path(args.readback).read_text())
     float_report = json.loads(Path(args.float_report).read_text())

@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", required=True, help="pruned weights from the prune stage")
     parser.add_argument("--out", required=True, help="fine-tuned weights (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "finetune"), args.params)
+    params = config.load(("model", "data", "finetune", "runtime"), args.params)
     cfg: FinetuneConfig = params["finetune"]
-    log = runtime.setup("finetune", cfg.seed)
+    log = runtime.setup("finetune", cfg.seed, params["runtime"])
 
     out = Path(args.out)
     if cfg.method == "none":

@@ -48,7 +48,7 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from stages import config, runtime
+from stages import config, numerics, runtime
 from stages.data import Pairs, load_pairs
 from stages.evaluate import sts_spearman
 from stages.model import encode, load_tokenizer, load_weights
@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     # The base is params.yaml's palettize section (the one the cached artifacts sit beside) plus the overrides.
     raw = config.read_params(args.params)
     current = config.validate(raw)
+    # The same CPU code paths as the stages whose cached outputs it reads (before any torch operation).
+    numerics.apply(current["runtime"].numerics, current["runtime"].threads)
     if current["model"].family != "sentence_embedding":
         raise ConfigError(f"config error: model.family={current['model'].family!r} is not allowed for "
                           "stages.mixed_bit; allowed: sentence_embedding (it scores candidate recipes on STS-B); "

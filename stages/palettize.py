@@ -313,9 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensitivity", required=True, help="sensitivity from the calibrate stage")
     parser.add_argument("--out", required=True, help="palettized weights (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "palettize"), args.params)
+    params = config.load(("model", "palettize", "runtime"), args.params)
     cfg: PalettizeConfig = params["palettize"]
-    log = runtime.setup("palettize")
+    log = runtime.setup("palettize", numerics=params["runtime"])
 
     model = load_weights(params["model"], args.weights)
     sensitivity = load_file(args.sensitivity) if cfg.method == "sensitive_kmeans" else None

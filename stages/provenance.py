@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "coreml_compress."
-KEYS = ("config", "git_commit", "git_dirty", "source_model_sha256", "data_sha256", "versions", "weights_sha256")
+KEYS = ("config", "git_commit", "git_dirty", "source_model_sha256", "data_sha256", "versions", "platform",
+        "weights_sha256")
+# Entries holding JSON.
+JSON_KEYS = ("config", "data_sha256", "versions", "platform")
 # What can change a package: the recorded commit is the last one that touched
 # these, so committing a run's dvc.lock, docs or tests afterwards changes nothing.
 SOURCES = ("stages", "conf", "params.yaml", "dvc.yaml", "data", "requirements.txt", "constraints.txt")
@@ -76,8 +79,12 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def collect(sections: dict[str, Any], data_files: list[Path], model_dir: str) -> dict[str, str]:
-    """Every entry but weights_sha256, which is known only once the package is saved."""
+def collect(sections: dict[str, Any], data_files: list[Path], model_dir: str, platform: dict[str, Any]
+            ) -> dict[str, str]:
+    """Every entry but weights_sha256, which is known only once the package is saved.
+
+    ``platform`` is stages.numerics.fingerprint: in portable mode the same on every x86-64 CPU
+    with AVX2, so the package's bytes do not depend on which such machine made it."""
     commit, dirty = git_state()
     config = {name: dataclasses.asdict(section) for name, section in sections.items()}
     return {
@@ -87,6 +94,7 @@ def collect(sections: dict[str, Any], data_files: list[Path], model_dir: str) ->
         PREFIX + "source_model_sha256": source_model_sha256(model_dir),
         PREFIX + "data_sha256": json.dumps({str(p): sha256_file(p) for p in sorted(data_files)}, sort_keys=True),
         PREFIX + "versions": json.dumps(versions(), sort_keys=True),
+        PREFIX + "platform": json.dumps(platform, sort_keys=True),
     }
 
 
@@ -95,7 +103,7 @@ def read(user_defined: dict[str, str]) -> dict[str, Any]:
     out = {}
     for key in KEYS:
         value = user_defined.get(PREFIX + key)
-        if value is not None and key in ("config", "data_sha256", "versions"):
+        if value is not None and key in JSON_KEYS:
             value = json.loads(value)
         out[key] = value
     return out

@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=str(config.PARAMS))
     parser.add_argument("--out", required=True, help="pruned weights (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "prune"), args.params)
+    params = config.load(("model", "data", "prune", "runtime"), args.params)
     cfg: PruneConfig = params["prune"]
-    log = runtime.setup("prune")
+    log = runtime.setup("prune", numerics=params["runtime"])
 
     # The first stage that loads the model: a network that cannot be compressed or
     # traced is refused here, before any compression work.

@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", required=True, help="weights from the palettize stage")
     parser.add_argument("--out", required=True, help="quantized weights (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "quantize"), args.params)
+    params = config.load(("model", "data", "quantize", "runtime"), args.params)
     cfg: QuantizeConfig = params["quantize"]
-    log = runtime.setup("quantize")
+    log = runtime.setup("quantize", numerics=params["runtime"])
 
     if cfg.method == "none":
         runtime.pass_through(args.weights, args.out)

@@ -12,13 +12,15 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from stages.schema import ConfigError
+from stages import numerics as numerics_lib
+from stages.schema import ConfigError, RuntimeConfig
 
 log = logging.getLogger("pipeline")
 
 
-def setup(stage: str, seed: int = 0) -> logging.Logger:
-    """Quiet third-party chatter, seed every generator, and return the stage's logger.
+def setup(stage: str, seed: int = 0, numerics: RuntimeConfig | None = None) -> logging.Logger:
+    """Pin the CPU code paths (``numerics``: the runtime section; before any torch operation),
+    quiet third-party chatter, seed every generator, and return the stage's logger.
 
     Each stage logs ``stage=<name> start`` once per execution, so sweeps can count
     which stages really ran and which DVC restored from its cache.
@@ -37,6 +39,8 @@ def setup(stage: str, seed: int = 0) -> logging.Logger:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if numerics is not None:
+        numerics_lib.apply(numerics.numerics, numerics.threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -37,6 +37,8 @@ FAMILIES = ("sentence_embedding", "sd_unet", "causal_lm", "image_classifier", "c
 # auto: CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATA_FORMATS = ("stsb", "text", "prompts", "imagefolder")
+# stages/numerics.py: portable pins the CPU code paths (same bytes on any x86-64 CPU with AVX2); native does not.
+NUMERICS_MODES = ("portable", "native")
 # The data each family calibrates and evaluates on (custom makes its own inputs).
 FAMILY_DATA = {"sentence_embedding": ("stsb",), "sd_unet": ("prompts",), "causal_lm": ("text",),
                "image_classifier": ("imagefolder",), "custom": DATA_FORMATS}
@@ -474,6 +476,19 @@ class EvaluateConfig:
             fail(f"{prefix}.min_agreement", self.min_agreement, "allowed: a number in [0, 1]")
 
 
+@dataclass
+class RuntimeConfig:
+    """How every stage computes: which CPU code paths (stages/numerics.py) and how many threads."""
+    numerics: str = "portable"
+    # Intra-op threads of every float pass in portable mode (its results depend on the count); native
+    # mode leaves torch's own choice (the machine's cores, or OMP_NUM_THREADS).
+    threads: int = 2
+
+    def check(self, prefix: str = "runtime") -> None:
+        _check_choice(f"{prefix}.numerics", self.numerics, NUMERICS_MODES)
+        _check_positive_int(f"{prefix}.threads", self.threads)
+
+
 # Nested dataclasses, by the annotation string their field carries.
 SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig, "Optional[PruneConfig]": PruneConfig,
                                  "Optional[PalettizeConfig]": PalettizeConfig, "Optional[QuantizeConfig]": QuantizeConfig}
@@ -489,6 +504,7 @@ SECTIONS: dict[str, type] = {
     "coreml": CoremlConfig,
     "convert": ConvertConfig,
     "evaluate": EvaluateConfig,
+    "runtime": RuntimeConfig,
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages import config
+from stages import config, numerics
 from stages.runtime import run_cli
 
 MARKER_TEXT = "params.yaml passed validation\n"
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=str(config.PARAMS))
     parser.add_argument("--out", required=True, help="marker file, constant content")
     args = parser.parse_args(argv)
-    config.validate(config.read_params(args.params))
+    checked = config.validate(config.read_params(args.params))
+    numerics.check_host(checked["runtime"].numerics)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(MARKER_TEXT, encoding="utf-8")

@@ -16,6 +16,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# The test process computes with the pipeline's default numerics (portable: stages/numerics.py), pinned
+# before any test runs a torch operation, so that stages run in this process (stages/inprocess.py) can
+# pin them too, and the suite's own float results do not depend on this machine's CPU.
+from stages import numerics  # noqa: E402
+from stages.schema import RuntimeConfig  # noqa: E402
+
+numerics.apply(RuntimeConfig().numerics, RuntimeConfig().threads)
+
 # Every stage on few samples and short sequences: the same code paths, minutes not hours.
 REDUCED_OVERRIDES = [
     "model.max_length=32",
@@ -34,13 +42,28 @@ REDUCED_OVERRIDES = [
 PROJECT_FILES = ["dvc.yaml", "stages", "conf", "data", "examples", ".dvc/config", ".dvcignore"]
 
 
-def project_env(cwd: Path) -> dict[str, str]:
-    """The environment a user of this venv has in ``cwd``: dvc and python on PATH."""
-    return {**os.environ, "PYTHONPATH": str(cwd), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def project_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a user of this venv has in ``cwd``: dvc and python on PATH (plus ``extra``)."""
+    return {**os.environ, "PYTHONPATH": str(cwd), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            **(extra or {})}
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, **kwargs)
+# Other CPUs simulated on this one (stages/numerics.py, docs/reproducibility.md): the knobs that select
+# the code paths torch, MKL, oneDNN, numpy, numba and OpenBLAS take on a CPU without AVX2, on one core,
+# with another BLAS branch. In portable mode every output must stay byte-identical under each.
+SIMULATED_CPUS = {
+    "no AVX2 in ATen, MKL COMPATIBLE, one thread": {
+        "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"},
+    "oneDNN SSE4.1, numpy without AVX2, numba generic, OpenBLAS Sandybridge": {
+        "ONEDNN_MAX_CPU_ISA": "SSE41", "NPY_DISABLE_CPU_FEATURES": "AVX2 FMA3 F16C AVX",
+        "NUMBA_CPU_NAME": "generic", "OPENBLAS_CORETYPE": "Sandybridge"},
+}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None,
+        **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(cwd, env), capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

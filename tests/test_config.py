@@ -27,17 +27,19 @@ def test_params_yaml_is_the_composition_of_conf():
     ["palettize=none", "quantize=gptq"], ["prune=magnitude", "palettize=none", "quantize=int8"],
     ["palettize.lut_dtype=int8"], ["palettize=kmeans", "palettize.cluster_dim=2"], ["coreml=compare"],
     ["finetune=dkm", "palettize=kmeans"], ["finetune=qat", "palettize=none", "quantize=int8"],
-    ["finetune=gradual_prune", "palettize=kmeans"],
+    ["finetune=gradual_prune", "palettize=kmeans"], ["runtime=native"],
 ])
 def test_every_config_group_composes_into_a_valid_config(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     sections = validate(OmegaConf.to_container(cfg, resolve=True))
     assert set(sections) == {"model", "data", "prune", "finetune", "calibrate", "palettize", "quantize", "coreml",
-                             "convert", "evaluate"}
+                             "convert", "evaluate", "runtime"}
 
 
 BAD_VALUES = [
+    ("runtime.numerics", "fast", "runtime.numerics='fast' is not allowed; allowed: portable, native"),
+    ("runtime.threads", 0, "runtime.threads=0 is not allowed; allowed: a positive integer"),
     ("palettize.n_bits", 5, "palettize.n_bits=5 is not allowed; allowed: 1, 2, 3, 4, 6, 8"),
     ("palettize.n_bits", "four", "palettize.n_bits='four' has the wrong type"),
     ("palettize.embeddings.n_bits", 7, "palettize.embeddings.n_bits=7 is not allowed; allowed: 1, 2, 3, 4, 6, 8"),
