@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import copy_of_reduced_run, project_env, run
+from conftest import SIMULATED_CPUS, copy_of_reduced_run, project_env, run
 from stages import provenance
 
 PACKAGE = "artifacts/convert/model.mlpackage"
@@ -51,7 +51,12 @@ def test_package_carries_its_provenance(built):
     record = result["provenance"]
     assert record["git_commit"] == code_commit and record["git_dirty"] == "false"
     assert set(record["config"]) == {"model", "data", "prune", "finetune", "calibrate", "palettize", "quantize",
-                                     "convert"}
+                                     "convert", "runtime"}
+    assert record["config"]["runtime"] == {"numerics": "portable", "threads": 2}
+    platform = record["platform"]
+    assert platform["numerics"] == "portable" and platform["machine"] == "x86_64" and platform["os"] == "Linux"
+    assert platform["torch_cpu_capability"] == "AVX2" and platform["blas"].endswith("CNR COMPATIBLE,STRICT")
+    assert platform["onednn"] == "off" and platform["threads"] == 2 and platform["device"] == "cpu"
     assert record["config"]["palettize"]["n_bits"] == 2 and record["config"]["prune"]["method"] == "sparse_gpt"
     assert set(record["versions"]) == {"coremltools", "torch", "transformers", "python"}
     assert list(record["data_sha256"]) == ["data/stsb/sts-dev.csv"]
@@ -63,7 +68,8 @@ def test_audit_passes_and_search_finds_the_recording_commit(built):
     project, _, lock_commit = built
     result = audit(project, project / PACKAGE, "--search")
     assert result.returncode == 0, result.stdout
-    assert "audit passed" in result.stdout
+    assert "verdict      identical: byte for byte the package a dvc.lock records (exit 0)" in result.stdout
+    assert '"numerics": "portable"' in result.stdout  # the platform line
     assert f"in dvc.lock at {lock_commit}" in result.stdout
     assert f"made by      {lock_commit}" in result.stdout
 
@@ -97,6 +103,7 @@ def test_audit_fails_on_one_changed_byte(built, tmp_path):
     result = _tampered(built, tmp_path, _flip_byte)
     assert result.returncode == 1
     assert "FAIL  weights hash" in result.stdout and "FAIL  dvc.lock records this package" in result.stdout
+    assert "verdict      tampered" in result.stdout
 
 
 def test_audit_fails_on_an_edited_metadata_entry(built, tmp_path):
@@ -108,6 +115,9 @@ def test_audit_fails_on_an_edited_metadata_entry(built, tmp_path):
     result = _tampered(built, tmp_path, lambda p: _edit_metadata(p, edit))
     assert result.returncode == 1
     assert "FAIL  dvc.lock records this package" in result.stdout
+    assert "PASS  weights hash" in result.stdout  # the weights are untouched: the provenance lies
+    assert "FAIL  config matches the commit: palettize.n_bits recorded 4, commit 2" in result.stdout
+    assert "verdict      tampered" in result.stdout
 
 
 def test_audit_fails_on_a_missing_metadata_entry(built, tmp_path):
@@ -125,23 +135,92 @@ def test_audit_fails_on_a_commit_not_in_the_repository(built, tmp_path):
     assert f"FAIL  commit in repository: commit {'0' * 40} is not in" in result.stdout
 
 
-def test_rebuild_from_the_recorded_commit_is_bit_identical(built):
+def _strip_provenance(package):
+    _edit_metadata(package, lambda meta: [meta.pop(k) for k in list(meta) if k.startswith(provenance.PREFIX)])
+
+
+def _corrupt_manifest(package):
+    (package / "Manifest.json").write_text("{ not json")
+
+
+def _corrupt_spec(package):
+    (package / "Data/com.apple.CoreML/model.mlmodel").write_bytes(b"\xff\x00 not a protobuf \x07" * 10)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_strip_provenance, "has no provenance (no coreml_compress.* metadata): it was not made by this pipeline"),
+    (_corrupt_manifest, "Manifest.json is corrupted: JSONDecodeError"),
+    (_corrupt_spec, "model.mlmodel is corrupted: the model spec does not parse"),
+], ids=["plain-coremltools", "manifest", "spec"])
+def test_audit_of_a_package_it_cannot_read_is_one_line(built, tmp_path, edit, message):
+    result = _tampered(built, tmp_path, edit)
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_audit_of_a_path_that_is_not_a_package_or_a_shallow_clone_is_one_line(built, tmp_path):
     project = built[0]
-    result = audit(project, project / PACKAGE, "--rebuild")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "PASS  rebuild: identical bytes" in result.stdout
+    for path, message in [(project / "dvc.lock", "is not an .mlpackage (no Manifest.json)"),
+                          (tmp_path / "nothing.mlpackage", "does not exist")]:
+        result = audit(project, path)
+        assert result.returncode == 2 and result.stderr.strip() == f"audit: {path} {message}"
+    shallow = tmp_path / "shallow"
+    run(["git", "clone", "-q", "--depth", "1", f"file://{project}", str(shallow)], tmp_path)
+    result = audit(shallow, project / PACKAGE)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"audit: commit {built[1]} is not in this shallow clone ({shallow}); "
+                                     "run `git fetch --unshallow` and audit again")
+
+
+def test_decoded_weights_beyond_tolerance_are_tampered(built, tmp_path, monkeypatch):
+    """A package re-made from the commit's config and data but not recorded (its provenance
+    restamped, so it is internally consistent) is compared with the recorded build from the DVC
+    cache; with the tolerances at zero one flipped weight byte is beyond them."""
+    from stages import audit as audit_lib
+    from stages.convert import make_reproducible
+
+    project = built[0]
+    copy = tmp_path / "model.mlpackage"
+    shutil.copytree(project / PACKAGE, copy)
+    _flip_byte(copy)
+    meta = audit_lib.open_package(copy)
+    make_reproducible(copy, {k: v for k, v in meta.items() if k.startswith(provenance.PREFIX)})
+    result = audit_lib.audit(copy, project)
+    assert result["verdict"] == "rebuilt elsewhere (equivalent)" and result["exit_code"] == 3
+    assert result["comparisons"][0]["against"].startswith("the recorded build")
+    assert result["platform_differences"] == []  # made here: the same platform
+    monkeypatch.setitem(audit_lib.TOLERANCES, "max_differing_fraction", 0.0)
+    result = audit_lib.audit(copy, project)
+    assert result["verdict"] == "tampered" and result["exit_code"] == 1
+    assert "beyond tolerance in 1 weight(s)" in result["comparisons"][0]["reason"]
+
+
+def test_rebuild_on_a_simulated_other_cpu_is_bit_identical_in_every_stage(built):
+    """The rebuild (every stage through evaluate, in a worktree, temporary cache) runs under the
+    second simulated CPU: with the reduced run as-is and the killed clone's run under the first,
+    three CPU/thread settings give the same bytes for every output of every float stage."""
+    project = built[0]
+    settings = list(SIMULATED_CPUS.values())[1]
+    cache = sorted(str(p) for p in (project / ".dvc" / "cache").rglob("*"))
+    text = run([sys.executable, "-m", "stages.audit", PACKAGE, "--rebuild"], project, check=False, env=settings)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "PASS  rebuild: identical bytes" in text.stdout
+    assert "first stage whose outputs differ" not in text.stdout  # every stage's outputs equal the recorded lock's
+    assert sorted(str(p) for p in (project / ".dvc" / "cache").rglob("*")) == cache  # the audit wrote no cache entry
 
 
 def test_cold_run_with_a_stage_killed_mid_run_gives_identical_outputs(built, tmp_path):
-    """In a second clone (same commits, empty DVC cache and run-cache) every stage
-    runs again from nothing; its palettize is killed, then `dvc repro` reruns it.
+    """In a second clone (same commits, empty DVC cache and run-cache), on a simulated other
+    CPU (conftest.SIMULATED_CPUS), every stage runs again from nothing; its palettize is killed, then `dvc repro` reruns it.
     Every output ends bit-identical to the first run's: both a fresh run and the
     rerun after a kill reproduce them (this also covers a forced rerun)."""
     reference = lock_outs(built[0])
     project = tmp_path / "clone"
     run(["git", "clone", "-q", str(built[0]), str(project)], tmp_path)
-    dvc = subprocess.Popen(["dvc", "repro"], cwd=project, env=project_env(project), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    # ... on a simulated other CPU (portable numerics: the bytes must not change).
+    simulated = list(SIMULATED_CPUS.values())[0]
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=project, env=project_env(project, simulated),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = None
     deadline = time.time() + 600
     while victim is None and time.time() < deadline:
@@ -161,7 +240,7 @@ def test_cold_run_with_a_stage_killed_mid_run_gives_identical_outputs(built, tmp
     assert not (project / "artifacts/palettize/weights.safetensors").exists()
     status = json.loads(run(["dvc", "status", "--json"], project).stdout)
     assert "palettize" in status
-    run(["dvc", "repro"], project)
+    run(["dvc", "repro"], project, env=simulated)
     assert lock_outs(project) == reference
 
 
