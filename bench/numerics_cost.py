@@ -17,7 +17,37 @@ from pathlib import Path
 
 import yaml
 
-from bench.pipeline import RESULTS, Clone
+from bench.pipeline import RESULTS, ROOT, Clone
+
+DOC = ROOT / "docs" / "reproducibility.md"
+
+
+def cost_table(result: dict) -> str:
+    """The per-stage seconds of both cold runs as a markdown table."""
+    lines = ["| stage | native (s) | portable (s) | ratio |", "|---|---|---|---|"]
+    from stages.audit import STAGE_ORDER
+
+    for stage in sorted(result["stage_seconds"], key=lambda name: (STAGE_ORDER + (name,)).index(name)):
+        seconds = result["stage_seconds"][stage]
+        native, portable = seconds.get("native"), seconds.get("portable")
+        ratio = f"{portable / native:.2f}" if native and portable else ""
+        lines.append(f"| {stage} | {native} | {portable} | {ratio} |")
+    cold = result["cold_seconds"]
+    lines.append(f"| **cold `dvc repro`** | **{cold['native']}** | **{cold['portable']}** | "
+                 f"**{result['cost_ratio']:.2f}** |")
+    quality, cosine = result["metrics"]["quality"], result["metrics"]["mean_cosine"]
+    return ("\n".join(lines) + f"\n\nSTS-B Spearman {quality[0]} native, {quality[1]} portable; mean cosine "
+            f"{cosine[0]} / {cosine[1]}.\n")
+
+
+def write_into_doc(result: dict, doc: Path = DOC) -> None:
+    begin, end = "<!-- bench.numerics_cost -->", "<!-- /bench.numerics_cost -->"
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        caption = ("\n`python -m bench.numerics_cost`: the default pipeline, cold (empty cache and run-cache), "
+                   "in two fresh clones, wall time per stage with process start:\n\n")
+        doc.write_text(head + begin + caption + cost_table(result) + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
 def cold_run(tmp: Path, mode: str) -> dict:
@@ -50,6 +80,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "numerics_cost.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_into_doc(result)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 
