@@ -35,11 +35,20 @@ sys.path.insert(0, str(ROOT))
 
 from stages.provenance import sha256_file  # noqa: E402
 
-# The reduced pipeline of the tests (tests/conftest.py) with more calibration data: SparseGPT,
-# sensitive k-means with the exact solver, mixed bits, conversion, baseline and evaluation.
-OVERRIDES = ["model.max_length=32", "convert.seq_len=32", "data.eval_max_pairs=96", "calibrate.num_samples=16",
-             "prune=sparse_gpt", "prune.num_samples=16", "palettize.n_bits=2", "palettize.group_size=32",
-             "palettize.layer_bits={encoder.layer.5.output.dense:3}", "palettize.kmeans_solver=exact_dp"]
+SHORT = ["model.max_length=32", "convert.seq_len=32", "data.eval_max_pairs=96", "calibrate.num_samples=16"]
+RECIPES = {
+    # The reduced pipeline of the tests (tests/conftest.py) with more calibration data: SparseGPT,
+    # sensitive k-means with the exact solver, mixed bits, conversion, baseline and evaluation.
+    "sparsegpt-exact": [*SHORT, "prune=sparse_gpt", "prune.num_samples=16", "palettize.n_bits=2",
+                        "palettize.group_size=32", "palettize.layer_bits={encoder.layer.5.output.dense:3}",
+                        "palettize.kmeans_solver=exact_dp"],
+    # Training (DKM fine-tuning) and coremltools' own C++ k-means.
+    "dkm-kmeans": [*SHORT, "finetune=dkm", "finetune.steps=3", "finetune.batch_size=4", "palettize=kmeans",
+                   "palettize.n_bits=2", "palettize.group_size=32"],
+    # GPTQ's Hessians and solves.
+    "gptq": [*SHORT, "palettize=none", "quantize=gptq", "quantize.num_samples=16"],
+}
+OVERRIDES = RECIPES["sparsegpt-exact"]
 
 # Each setting: the environment a process starts with, as another CPU or machine would give it.
 SETTINGS: dict[str, dict[str, str]] = {
@@ -181,7 +190,9 @@ def table(result: dict) -> str:
 
 def write_into_doc(result: dict, doc: Path = DOC) -> None:
     """Replace the block between this mode's markers in the docs page with the table."""
-    begin, end = f"<!-- bench.numerics {result['numerics']} -->", f"<!-- /bench.numerics {result['numerics']} -->"
+    name = result["numerics"] + ("" if result.get("recipe", "sparsegpt-exact") == "sparsegpt-exact"
+                                 else f" {result['recipe']}")
+    begin, end = f"<!-- bench.numerics {name} -->", f"<!-- /bench.numerics {name} -->"
     if not doc.is_file():
         return
     text = doc.read_text(encoding="utf-8")
@@ -189,7 +200,8 @@ def write_into_doc(result: dict, doc: Path = DOC) -> None:
         return
     head, rest = text.split(begin, 1)
     machine = result["machine"]
-    caption = (f"\n`python -m bench.numerics --numerics {result['numerics']}` on {machine['cpu']} "
+    recipe = f" --recipe {result['recipe']}" if result.get("recipe", "sparsegpt-exact") != "sparsegpt-exact" else ""
+    caption = (f"\n`python -m bench.numerics --numerics {result['numerics']}{recipe}` on {machine['cpu']} "
                f"({machine['torch_cpu_capability']}, {machine['threads']} threads):\n\n")
     doc.write_text(head + begin + caption + table(result) + end + rest.split(end, 1)[1], encoding="utf-8")
 
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numerics", choices=("native", "portable"), required=True)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="sparsegpt-exact")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.settings.split(",") if name.strip()]
@@ -214,11 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"bench.numerics: --settings {unknown[0]!r} is not allowed; allowed: {', '.join(SETTINGS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure(args.numerics, names, OVERRIDES, Path(tmp))
+        result = measure(args.numerics, names, RECIPES[args.recipe], Path(tmp))
+    result["recipe"] = args.recipe
     from stages import numerics
 
     result["machine"] = {"cpu": cpu_model(), **numerics.fingerprint("native")}
-    out = args.out or RESULTS / f"numerics-{args.numerics}.json"
+    suffix = "" if args.recipe == "sparsegpt-exact" else f"-{args.recipe}"
+    out = args.out or RESULTS / f"numerics-{args.numerics}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_into_doc(result)

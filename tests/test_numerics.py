@@ -50,6 +50,17 @@ def test_native_mode_records_what_the_machine_chose():
     assert record["onednn"].startswith("on") and "this CPU's instruction set" in record["promise"]
 
 
+def test_a_gpu_run_records_that_it_is_outside_the_promise(monkeypatch):
+    import torch
+
+    from stages import numerics
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    record = numerics.fingerprint("portable", torch.device("cuda", 0))
+    assert record["device"] == "cuda:0 (NVIDIA H200)"
+    assert record["promise"].startswith("outside the bit-identity promise (GPU kernels)")
+
+
 def test_portable_mode_refuses_once_torch_has_computed():
     code, out, err = fingerprint_in_fresh_process("portable", {}, before="torch.ones(64, 64) @ torch.ones(64, 64)\n")
     assert code != 0

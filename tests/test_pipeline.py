@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REDUCED_OVERRIDES, copy_of_reduced_run, make_project_copy, run
+from conftest import REDUCED_OVERRIDES, copy_of_reduced_run, make_project_copy, project_env, run
 from stages import experiments, report
 from stages.convert import load_program
 
@@ -199,13 +199,19 @@ def test_sweeps_through_dvc_experiments_reuse_upstream_stages(reproduced):
 
     # DVC's own queue: one experiment per combination, two workers.
     run(["dvc", "exp", "run", "--queue", *[f"-S{o}" for o in base], "-S", "palettize.group_size=16,32"], project)
-    run(["dvc", "queue", "start", "-j", "2"], project)
+    # The workers run detached; with their output on a pipe, waiting for `dvc queue start` would also wait
+    # for them, and a worker that misses the shutdown (seen once: "shutting down due to empty queue", then
+    # idle) would hold the test forever. So no pipe, and the workers are stopped below.
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=project, env=project_env(project), check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], project).stdout
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(5)
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=project_env(project),
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert status.count("Success") == 2, status
     names = re.findall(r"^\S+\s+(\S+)\s.*Success", status, flags=re.M)  # Task, Name, Created, Status
     for name in names:
