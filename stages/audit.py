@@ -38,6 +38,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,10 @@ def git(*args: str, repo: Path, check: bool = True) -> subprocess.CompletedProce
 def dvc_dir_hash(package: Path) -> str:
     """The md5 DVC records for a directory output (its `.dir` tree hash), computed by DVC itself."""
     from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs import LocalFileSystem
 
     with tempfile.TemporaryDirectory() as tmp:
-        from dvc_data.hashfile.db import HashFileDB
-
         odb = HashFileDB(LocalFileSystem(), tmp)
         _, _, tree = build(odb, str(package.resolve()), LocalFileSystem(), "md5")
     return tree.hash_info.value
@@ -112,7 +112,10 @@ def open_package(package: Path) -> dict[str, str]:
     return metadata
 
 
+@lru_cache(maxsize=None)
 def lock_at(repo: Path, commit: str) -> dict:
+    """dvc.lock at ``commit`` (cached: a commit never changes, and the audit asks for the same
+    commits when it looks for the recording commit, the recorded build and the first differing stage)."""
     shown = git("show", f"{commit}:dvc.lock", repo=repo, check=False)
     return (yaml.safe_load(shown.stdout) or {}) if shown.returncode == 0 else {}
 
