@@ -4,12 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test params
+.PHONY: setup repro test params docs
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==26.3
 	$(PY) -m pip install --quiet -r requirements.txt
+	# The library itself, editable; its dependencies are the pins above.
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,4 +23,7 @@ test: setup
 	$(PY) -m pytest
 
 params: setup
-	$(PY) -m stages.config
+	$(PY) -m coreml_pipeline.config.compose
+
+docs: setup
+	$(VENV)/bin/mkdocs serve

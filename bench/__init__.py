@@ -1,1 +1,1 @@
-"""Measurement scripts whose results README quotes (not tests)."""
+"""Measurement scripts whose results the docs quote (not tests)."""

@@ -1,8 +1,8 @@
-"""All benchmarks of this machine, and the report README quotes.
+"""All benchmarks of this machine, and the report docs/benchmarks.md quotes.
 
     python -m bench                          # every part (about an hour on 2 cores)
     python -m bench --parts kmeans           # one part; the report uses every stored result
-    python -m bench --report                 # only rebuild bench/results/bench.md and README's section
+    python -m bench --report                 # only rebuild bench/results/bench.md and docs/benchmarks.md's section
 
 Parts (each also runs alone as `python -m bench.<part>`): pipeline (what DVC
 costs: cold / no-op / downstream-only / switch-back, per-stage time and peak
@@ -127,7 +127,7 @@ def peak_memory_md(r: dict) -> list[str]:
              f"{r['entries']} entries), what ct.convert does for every palettized weight:", "",
              "| index search | s | peak above start MB |", "|---|---:|---:|"]
     for row in r["rows"]:
-        name = {"row_blocks": "row blocks (stages/precision.py, used by convert)",
+        name = {"row_blocks": "row blocks (coreml_pipeline/techniques/precision.py, used by convert)",
                 "coremltools": "coremltools.optimize._utils.find_indices_for_lut"}.get(row["variant"], row["variant"])
         lines.append(f"| {name} | {row.get('seconds', '-')} | {row.get('peak_above_start_mb', row.get('failed'))} |")
     return lines

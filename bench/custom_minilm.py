@@ -3,7 +3,7 @@
 scored by output PSNR against the float module (the family's metric).
 
 It answers whether the output-probe sensitivity (the custom and sd_unet families'
-calibration loss, stages/families/base.py) helps: sensitive k-means weighted by it
+calibration loss, coreml_pipeline/families/base.py) helps: sensitive k-means weighted by it
 against data-free k-means at the same size.
 
     python -m bench.custom_minilm               # every recipe, about 15 minutes on 2 cores
@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.config import compose_text
-from stages.inprocess import run_stages
+from coreml_pipeline.config.compose import compose_text
+from coreml_pipeline.tools.inprocess import run_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["model=custom", "model.module._target_=examples.minilm.bert_encoder", "~model.module.channels",

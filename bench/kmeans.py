@@ -43,7 +43,7 @@ def subset(model, pattern: str | None):
     """The layers to palettize: the whole model, or copies of the matching Linear/Embedding layers."""
     import torch
 
-    from stages.model import compressible_weights
+    from coreml_pipeline.model import compressible_weights
 
     if pattern is None:
         return copy.deepcopy(model)
@@ -55,7 +55,7 @@ def subset(model, pattern: str | None):
 
 
 def error(original, compressed, sensitivity, names) -> tuple[float, dict[str, float]]:
-    from stages.model import compressible_weights
+    from coreml_pipeline.model import compressible_weights
 
     per_layer = {}
     for name, module in compressible_weights(compressed):
@@ -68,8 +68,9 @@ def error(original, compressed, sensitivity, names) -> tuple[float, dict[str, fl
 def compare(case: str) -> dict:
     from safetensors.torch import load_file
 
-    from stages import config, palettize
-    from stages.model import compressible_weights, load_weights
+    from coreml_pipeline.config import compose as config
+    from coreml_pipeline.model import compressible_weights, load_weights
+    from coreml_pipeline.techniques import palettize
 
     overrides, pattern = CASES[case]
     params = config.load(("model", "palettize"))
@@ -105,7 +106,7 @@ def compare(case: str) -> dict:
 
 
 def metrics() -> list[dict]:
-    from stages import experiments
+    from coreml_pipeline.tools import experiments
 
     rows = []
     for recipe, overrides in RECIPES.items():

@@ -33,7 +33,7 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "reproducibility.md"
 sys.path.insert(0, str(ROOT))
 
-from stages.provenance import sha256_file  # noqa: E402
+from coreml_pipeline.coreml.provenance import sha256_file  # noqa: E402
 
 SHORT = ["model.max_length=32", "convert.seq_len=32", "data.eval_max_pairs=96", "calibrate.num_samples=16"]
 RECIPES = {
@@ -118,7 +118,7 @@ def package_weights_identical(a: Path, b: Path) -> bool | None:
     CPUs even where the weights do not."""
     if a.suffix != ".mlpackage":
         return None
-    from stages.provenance import package_weights_sha256
+    from coreml_pipeline.coreml.provenance import package_weights_sha256
 
     return package_weights_sha256(a) == package_weights_sha256(b)
 
@@ -135,7 +135,7 @@ def max_difference(a: Path, b: Path) -> float | None:
 
 
 def measure(numerics: str, settings: list[str], overrides: list[str], scratch: Path) -> dict:
-    from stages.config import compose_text
+    from coreml_pipeline.config.compose import compose_text
 
     params_text = compose_text([*overrides, f"runtime={numerics}"])
     specs = stage_specs()
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.numerics, names, RECIPES[args.recipe], Path(tmp))
     result["recipe"] = args.recipe
-    from stages import numerics
+    from coreml_pipeline import numerics
 
     result["machine"] = {"cpu": cpu_model(), **numerics.fingerprint("native")}
     suffix = "" if args.recipe == "sparsegpt-exact" else f"-{args.recipe}"

@@ -25,7 +25,7 @@ DOC = ROOT / "docs" / "reproducibility.md"
 def cost_table(result: dict) -> str:
     """The per-stage seconds of both cold runs as a markdown table."""
     lines = ["| stage | native (s) | portable (s) | ratio |", "|---|---|---|---|"]
-    from stages.audit import STAGE_ORDER
+    from coreml_pipeline.tools.audit import STAGE_ORDER
 
     for stage in sorted(result["stage_seconds"], key=lambda name: (STAGE_ORDER + (name,)).index(name)):
         seconds = result["stage_seconds"][stage]

@@ -5,7 +5,7 @@
 The converter calls coremltools.optimize._utils.find_indices_for_lut for every
 palettized weight. For the 30522 x 384 MiniLM word embedding with 256-entry
 tables that compares every weight with every entry at once; the convert stage
-swaps in stages.precision.find_indices_for_lut (row blocks). Each variant runs
+swaps in coreml_pipeline.techniques.precision.find_indices_for_lut (row blocks). Each variant runs
 in a fresh process and reports its peak resident memory above the process's
 footprint before the call (ru_maxrss). The original is only run with --original,
 as it may exhaust the machine.
@@ -36,7 +36,7 @@ def measure(variant: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if variant == "row_blocks":
-        from stages.precision import find_indices_for_lut
+        from coreml_pipeline.techniques.precision import find_indices_for_lut
     else:
         from coremltools.optimize._utils import find_indices_for_lut
     indices = find_indices_for_lut(data, lut)

@@ -17,11 +17,13 @@ import json
 import time
 from pathlib import Path
 
-from stages import calibrate, config, families, palettize, runtime
-from stages.convert import convert_and_check
-from stages.data import calibration_pairs, eval_pairs
-from stages.evaluate import evaluate, sts_spearman
-from stages.model import encode, load_float_model, load_tokenizer
+from coreml_pipeline import families, runtime
+from coreml_pipeline.config import compose as config
+from coreml_pipeline.coreml.convert import convert_and_check
+from coreml_pipeline.families.embedding import cosine_loss, encode, evaluate, pair_batches, sts_spearman
+from coreml_pipeline.families.stsb import calibration_pairs, eval_pairs
+from coreml_pipeline.model import load_float_model, load_tokenizer
+from coreml_pipeline.techniques import calibrate, palettize
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     float_report = {"spearman": sts_spearman(float_embeddings, pairs), "package_bytes": float_package["package_bytes"]}
 
     model = copy.deepcopy(float_model)
-    calibration = calibrate.pair_batches(
+    calibration = pair_batches(
         calibration_pairs(params["data"], params["calibrate"].num_samples, params["calibrate"].seed), tokenizer,
         model_cfg.max_length)
-    sensitivity = calibrate.sensitivity(model, calibration)
+    sensitivity = calibrate.sensitivity(model, calibration, cosine_loss)
     model = palettize.run(model, params["palettize"], sensitivity, log)
     readback = convert_and_check(model, families.get(model_cfg), params["convert"], out / "model.mlpackage", log, {})
     metrics, _, _ = evaluate(model, float_model, tokenizer, pairs, float_embeddings, model_cfg, params["evaluate"],

@@ -6,8 +6,9 @@
 
 Each recipe is `dvc exp run --temp -S ...` on the committed pipeline, so
 stages a recipe shares with an earlier one are restored from DVC's run-cache.
-Results go to bench/results/recipes.{json,md}, and the table between the
-markers in README.md is replaced by the new one.
+Results go to bench/results/<set>.{json,md}, and the table between the set's
+markers in its docs page (DOCS: docs/results.md, docs/techniques.md,
+docs/sweeps.md) is replaced by the new one.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from stages import experiments
+from coreml_pipeline.tools import experiments
 
 ROOT = experiments.ROOT
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+# The docs page holding each set's marked table (<!-- <set>:start --> ... <!-- <set>:end -->).
+DOCS = {"recipes": ROOT / "docs" / "results.md", "techniques": ROOT / "docs" / "techniques.md",
+        "mixed": ROOT / "docs" / "sweeps.md", "sweep_cost": ROOT / "docs" / "sweeps.md",
+        "bench": ROOT / "docs" / "benchmarks.md"}
 
 # (name, Hydra overrides, what it is): the recipes the default was chosen from
 RECIPES: list[tuple[str, list[str], str]] = [
@@ -41,7 +45,7 @@ RECIPES: list[tuple[str, list[str], str]] = [
 
 KMEANS, NO_PALETTE = ["palettize=kmeans"], ["palettize=none"]
 LINEAR_ONLY = ["palettize.embeddings.enabled=false"]
-# Every technique of coremltools.optimize, one config switch each (README "Every technique").
+# Every technique of coremltools.optimize, one config switch each (docs/techniques.md).
 # Rows named coreml-* are the Core ML side (coremltools.optimize.coreml on the float16 package).
 TECHNIQUES: list[tuple[str, list[str], str]] = [
     ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the default)"),
@@ -82,8 +86,8 @@ TECHNIQUES: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-vector-2", KMEANS + ["palettize.granularity=per_tensor", "palettize.group_size=null",
                                        "palettize.cluster_dim=2"], "vector palettization: 4-bit, 2-D entries, per tensor"),
 ]
-# Mixed-bit recipes written by `python -m stages.mixed_bit` (conf/palettize/mixed_*.yaml) beside
-# the best uniform recipe meeting the target (README "Mixed-bit recipes").
+# Mixed-bit recipes written by `python -m coreml_pipeline.tools.mixed_bit` (conf/palettize/mixed_*.yaml) beside
+# the best uniform recipe meeting the target (docs/sweeps.md "Mixed-bit recipes").
 MIXED: list[tuple[str, list[str], str]] = [
     ("skm-4bit-g4", [], "uniform: sensitive k-means 4-bit, group 4 (the default)"),
     ("mixed-g16-cos097", ["palettize=mixed_g16_cos097"],
@@ -140,10 +144,12 @@ def markdown(rows: list[dict], float_row: dict) -> str:
 
 
 def update_readme(table: str, set_name: str) -> None:
-    text = README.read_text(encoding="utf-8")
+    """Replace the table between the set's markers in its docs page (DOCS)."""
+    page = DOCS[set_name]
+    text = page.read_text(encoding="utf-8")
     markers = (f"<!-- {set_name}:start -->", f"<!-- {set_name}:end -->")
     start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
-    README.write_text(text[:start] + "\n" + table + text[end:], encoding="utf-8")
+    page.write_text(text[:start] + "\n" + table + text[end:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

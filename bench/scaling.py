@@ -68,7 +68,7 @@ def stack(layers: int):
 
 
 def palettize_config(solver: str):
-    from stages.schema import PalettizeConfig
+    from coreml_pipeline.config.schema import PalettizeConfig
 
     return PalettizeConfig(method="kmeans", n_bits=4, granularity="per_grouped_channel", group_size=16,
                            num_kmeans_workers=2, kmeans_solver=solver)
@@ -76,18 +76,19 @@ def palettize_config(solver: str):
 
 def step(name: str, layers: int, tmp: Path) -> dict:
     """One step on a fresh stack; returns its time and memory."""
+    import resource
+
     import coremltools as ct
     import numpy as np
     import torch
     from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
 
-    from stages import palettize, runtime
-    from stages.calibrate import fisher_sensitivity
-    from stages.convert import save_package
-    from stages.model import register_metadata, save_weights
-    from stages.precision import bounded_index_search
-
-    import resource
+    from coreml_pipeline import runtime
+    from coreml_pipeline.coreml.convert import save_package
+    from coreml_pipeline.model import register_metadata, save_weights
+    from coreml_pipeline.techniques import palettize
+    from coreml_pipeline.techniques.calibrate import fisher_sensitivity
+    from coreml_pipeline.techniques.precision import bounded_index_search
 
     def cpu_seconds() -> float:  # this process's threads and every worker it waited for
         own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -4,11 +4,11 @@
     python -m bench.sweep_cost --values 4,6 --key palettize.group_size
 
 Measures, on the default recipe and one after the other on this machine:
-1. `python -m stages.sweep -m <key>=<values>`: wall time, and per point the
+1. `python -m coreml_pipeline.tools.sweep -m <key>=<values>`: wall time, and per point the
    stages that really ran (everything else was restored from the run-cache);
 2. the same points as separate full runs: `dvc exp run --temp --force`, which
    recomputes every stage and restores nothing.
-Writes bench/results/sweep_cost.{json,md} and the table between README's sweep_cost markers.
+Writes bench/results/sweep_cost.{json,md} and the table between the sweep_cost markers in docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 from bench.recipes import update_readme
-from stages import experiments
+from coreml_pipeline.tools import experiments
 
 RESULTS = experiments.ROOT / "bench" / "results"
 
 
 def run_sweep(key: str, values: list[str], sweep_dir: Path) -> dict:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.sweep", "-m", f"hydra.sweep.dir={sweep_dir}",
+    subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.sweep", "-m", f"hydra.sweep.dir={sweep_dir}",
                     "sweep.name_prefix=cost", f"{key}={','.join(values)}"], cwd=experiments.ROOT, check=True,
                    capture_output=True, text=True)
     seconds = time.perf_counter() - start

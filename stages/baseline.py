@@ -9,36 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages import config, families, numerics, runtime
-from stages import provenance as provenance_lib
-from stages.convert import convert_and_check
-from stages.data import eval_pairs
-from stages.evaluate import sts_spearman
-from stages.families.base import torch_device
-from stages.model import encode, load_float_model, load_tokenizer, save_tensors
-
-
-def float_provenance(family, params: dict) -> dict[str, str]:
-    """What made the float package: the model, conversion and numerics, on this platform."""
-    platform = numerics.fingerprint(params["runtime"].numerics, torch_device(params["model"]))
-    sections = {name: params[name] for name in ("model", "convert", "runtime")}
-    return provenance_lib.collect(sections, [], family.weights_location(), platform)
-
-
-def family_baseline(family, params: dict, args, log) -> None:
-    """Every family but the sentence embedder: outputs on the evaluation samples, and the float package."""
-    network = family.load_float()
-    samples = family.eval_samples()
-    device = torch_device(params["model"])
-    with runtime.timed(log, f"float outputs on {len(samples)} samples on {device}"):
-        reference = family.run(network, samples, device)
-    quality = family.reference_metrics(reference, samples)
-    log.info("float model: %s", quality)
-    report = convert_and_check(network, family, params["convert"], Path(args.package), log,
-                               float_provenance(family, params))
-    save_tensors(reference, args.embeddings)
-    runtime.write_json({**quality, "package_bytes": report["package_bytes"], "num_samples": len(samples),
-                        "readback_max_abs_diff": report["max_abs_diff"]}, args.report)
+from coreml_pipeline import families, numerics, runtime
+from coreml_pipeline.config import compose as config
+from coreml_pipeline.coreml import provenance
+from coreml_pipeline.coreml.convert import convert_and_check
+from coreml_pipeline.families.base import torch_device
+from coreml_pipeline.model import save_tensors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,24 +26,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, help="baseline report (.json)")
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "convert", "evaluate", "runtime"), args.params)
-    model_cfg = params["model"]
     log = runtime.setup("baseline", numerics=params["runtime"])
 
-    family = families.get(model_cfg, params["data"])
-    if model_cfg.family != "sentence_embedding":
-        family_baseline(family, params, args, log)
-        return
-    bert = load_float_model(model_cfg)
-    pairs = eval_pairs(params["data"])
-    with runtime.timed(log, f"float embeddings of {len(pairs)} pairs"):
-        embeddings = encode(bert, load_tokenizer(model_cfg), pairs.sentences(), model_cfg, params["evaluate"].batch_size)
-    spearman = sts_spearman(embeddings, pairs)
-    log.info("float STS-B Spearman x100: %.2f", spearman)
-    report = convert_and_check(bert, family, params["convert"], Path(args.package), log,
-                               float_provenance(family, params))
-    save_tensors({"embeddings": embeddings.contiguous()}, args.embeddings)
-    runtime.write_json({"spearman": spearman, "package_bytes": report["package_bytes"],
-                "num_pairs": len(pairs), "readback_max_abs_diff": report["max_abs_diff"]}, args.report)
+    family = families.get(params["model"], params["data"])
+    network = family.load_float()
+    device = torch_device(params["model"])
+    reference, quality, counts = family.float_reference(network, params["evaluate"], device, log)
+    # What made the float package: the model, conversion and numerics, on this platform.
+    platform = numerics.fingerprint(params["runtime"].numerics, device)
+    record = provenance.collect({name: params[name] for name in ("model", "convert", "runtime")}, [],
+                                family.weights_location(), platform)
+    report = convert_and_check(network, family, params["convert"], Path(args.package), log, record)
+    save_tensors(reference, args.embeddings)
+    runtime.write_json({**quality, "package_bytes": report["package_bytes"], **counts,
+                        "readback_max_abs_diff": report["max_abs_diff"]}, args.report)
 
 
 if __name__ == "__main__":

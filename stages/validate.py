@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages import config, numerics
-from stages.runtime import run_cli
+from coreml_pipeline import numerics
+from coreml_pipeline.config import compose as config
+from coreml_pipeline.runtime import run_cli
 
 MARKER_TEXT = "params.yaml passed validation\n"
 

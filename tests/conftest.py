@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-# The test process computes with the pipeline's default numerics (portable: stages/numerics.py), pinned
-# before any test runs a torch operation, so that stages run in this process (stages/inprocess.py) can
+# The test process computes with the pipeline's default numerics (portable: coreml_pipeline/numerics.py), pinned
+# before any test runs a torch operation, so that stages run in this process (coreml_pipeline/tools/inprocess.py) can
 # pin them too, and the suite's own float results do not depend on this machine's CPU.
-from stages import numerics  # noqa: E402
-from stages.schema import RuntimeConfig  # noqa: E402
+from coreml_pipeline import numerics  # noqa: E402
+from coreml_pipeline.config.schema import RuntimeConfig  # noqa: E402
 
 numerics.apply(RuntimeConfig().numerics, RuntimeConfig().threads)
 
@@ -39,16 +38,17 @@ REDUCED_OVERRIDES = [
     "palettize.kmeans_solver=exact_dp",  # the optimal k-means through every stage (tests/test_exact_kmeans.py)
 ]
 
-PROJECT_FILES = ["dvc.yaml", "stages", "conf", "data", "examples", ".dvc/config", ".dvcignore"]
+PROJECT_FILES = ["dvc.yaml", "stages", "coreml_pipeline", "pyproject.toml", "conf", "data", "examples", ".dvc/config", ".dvcignore"]
 
 
 def project_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a user of this venv has in ``cwd``: dvc and python on PATH (plus ``extra``)."""
+    """The environment a user of this venv has in ``cwd``: dvc and python on PATH (plus ``extra``).
+    PYTHONPATH puts the copy's own library first, so a stage runs the code its dvc.yaml deps hash."""
     return {**os.environ, "PYTHONPATH": str(cwd), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             **(extra or {})}
 
 
-# Other CPUs simulated on this one (stages/numerics.py, docs/reproducibility.md): the knobs that select
+# Other CPUs simulated on this one (coreml_pipeline/numerics.py, docs/reproducibility.md): the knobs that select
 # the code paths torch, MKL, oneDNN, numpy, numba and OpenBLAS take on a CPU without AVX2, on one core,
 # with another BLAS branch. In portable mode every output must stay byte-identical under each.
 SIMULATED_CPUS = {
@@ -82,7 +82,7 @@ def make_project_copy(dest: Path, overrides: list[str]) -> Path:
         else:
             shutil.copy2(src, target)
     (dest / ".gitignore").write_text("/artifacts/\n*.partial.*\n")
-    run([sys.executable, "-m", "stages.config", *overrides], dest)
+    run([sys.executable, "-m", "coreml_pipeline.config.compose", *overrides], dest)
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.calibrate import cosine_loss, sensitivity
-from stages.model import COREML_PREFIX, compressible_weights, register_metadata, save_weights
-from stages.palettize import check_all_palettized, keep_pruned_zeros, palettize, zeros_kept
-from stages.prune import prune
-from stages.schema import EmbeddingPaletteConfig, PalettizeConfig, PruneConfig
+from coreml_pipeline.config.schema import EmbeddingPaletteConfig, PalettizeConfig, PruneConfig
+from coreml_pipeline.families.embedding import cosine_loss
+from coreml_pipeline.model import COREML_PREFIX, compressible_weights, register_metadata, save_weights
+from coreml_pipeline.techniques.calibrate import sensitivity
+from coreml_pipeline.techniques.palettize import check_all_palettized, keep_pruned_zeros, palettize, zeros_kept
+from coreml_pipeline.techniques.prune import prune
 
 
 def linear_sparsity(model) -> float:
@@ -50,7 +51,7 @@ def test_sparse_gpt_prunes_with_calibration_data(tiny_bert):
 
 def test_sensitivity_covers_every_compressed_weight(tiny_bert):
     model = tiny_bert()
-    values = sensitivity(model, pair_batches(2))
+    values = sensitivity(model, pair_batches(2), cosine_loss)
     assert set(values) == {f"{name}.weight" for name, _ in compressible_weights(model)}
     assert all(v.shape == model.get_parameter(k).shape and float(v.max()) <= 1.0 for k, v in values.items())
     assert cosine_loss(model, pair_batches(1)[0]).ndim == 0
@@ -65,7 +66,7 @@ def test_sensitivity_equals_skm_palettizers_own(tiny_bert, tmp_path):
     model = tiny_bert()
     skm = SKMPalettizer(model, SKMPalettizerConfig.from_dict({"calibration_nsamples": len(batches)}))
     reference = skm.compute_sensitivity(batches, cosine_loss, sensitivity_path=str(tmp_path / "s.pt"))
-    values = sensitivity(tiny_bert(), batches)
+    values = sensitivity(tiny_bert(), batches, cosine_loss)
     assert values and set(values) <= set(reference)
     for name, value in values.items():
         assert torch.equal(value, reference[name]), name
@@ -77,7 +78,7 @@ def test_grouped_palettization_includes_the_word_embedding(tiny_bert, method):
     # 1000 rows do not divide by 16: coremltools alone would skip the word embedding.
     cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16, num_kmeans_workers=1)
     model = tiny_bert()
-    values = sensitivity(model, pair_batches(2)) if method == "sensitive_kmeans" else None
+    values = sensitivity(model, pair_batches(2), cosine_loss) if method == "sensitive_kmeans" else None
     model = palettize(model, cfg, values)
     check_all_palettized(model, cfg)
     word = model.get_submodule("embeddings.word_embeddings")
@@ -137,7 +138,7 @@ def test_weights_round_trip_with_their_metadata(tiny_bert, tmp_path):
 def test_sparse_gpt_zeros_survive_palettization(tiny_bert, method):
     model = prune(tiny_bert(), PruneConfig(method="sparse_gpt", target_sparsity=0.4), token_batches(4))
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
-    values = sensitivity(model, pair_batches(2)) if method == "sensitive_kmeans" else None
+    values = sensitivity(model, pair_batches(2), cosine_loss) if method == "sensitive_kmeans" else None
     cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16, num_kmeans_workers=1)
     model = palettize(model, cfg, values)
     assert keep_pruned_zeros(model, cfg, before, values) == 2 * 6  # every Linear of both layers
@@ -153,7 +154,7 @@ def test_sparse_gpt_zeros_survive_palettization(tiny_bert, method):
 
 
 def test_pruned_weights_drop_what_the_converter_drops(tiny_bert):
-    from stages.precision import snap_like_converter
+    from coreml_pipeline.techniques.precision import snap_like_converter
 
     model = prune(tiny_bert(), PruneConfig(method="magnitude", target_sparsity=0.3))
     dense = model.get_submodule("encoder.layer.0.intermediate.dense")

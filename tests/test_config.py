@@ -7,16 +7,16 @@ import sys
 
 import pytest
 import yaml
+from conftest import ROOT, run
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run
-from stages import config
-from stages.schema import ConfigError, validate
+from coreml_pipeline.config import compose as config
+from coreml_pipeline.config.schema import ConfigError, validate
 
 
 def test_params_yaml_is_the_composition_of_conf():
-    # If this fails: run `python -m stages.config` and commit params.yaml.
+    # If this fails: run `python -m coreml_pipeline.config.compose` and commit params.yaml.
     assert config.PARAMS.read_text(encoding="utf-8") == config.compose_text()
 
 
@@ -128,10 +128,10 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
 def test_config_cli_check_detects_drift(tmp_path):
     drifted = tmp_path / "params.yaml"
     drifted.write_text(config.PARAMS.read_text().replace("n_bits: 4", "n_bits: 6", 1))
-    result = run([sys.executable, "-m", "stages.config", "--check", "--params", str(drifted)], ROOT, check=False)
+    result = run([sys.executable, "-m", "coreml_pipeline.config.compose", "--check", "--params", str(drifted)], ROOT, check=False)
     assert result.returncode == 1
     assert "differs from conf/" in result.stderr
-    run([sys.executable, "-m", "stages.config", "--params", str(drifted)], ROOT)
+    run([sys.executable, "-m", "coreml_pipeline.config.compose", "--params", str(drifted)], ROOT)
     assert drifted.read_text() == config.PARAMS.read_text()
 
 

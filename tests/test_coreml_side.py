@@ -5,11 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import convert, families
-from stages.coreml_compress import compress, load_decoded, plan
-from stages.model import compressible_weights
-from stages.schema import (ConvertConfig, CoremlConfig, ModelConfig, PalettizeConfig, PruneConfig, QuantizeConfig,
-                           check_combination)
+from coreml_pipeline import families
+from coreml_pipeline.config.schema import (
+    ConvertConfig,
+    CoremlConfig,
+    ModelConfig,
+    PalettizeConfig,
+    PruneConfig,
+    QuantizeConfig,
+    check_combination,
+)
+from coreml_pipeline.coreml import convert
+from coreml_pipeline.coreml.compress import compress, load_decoded, plan
+from coreml_pipeline.model import compressible_weights
 
 NONE_PAL = PalettizeConfig(method="none")
 RECIPES = {

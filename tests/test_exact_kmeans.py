@@ -1,4 +1,4 @@
-"""The optimal 1-D k-means (stages/exact_kmeans.py) and palettize.kmeans_solver=exact_dp.
+"""The optimal 1-D k-means (coreml_pipeline/kmeans.py) and palettize.kmeans_solver=exact_dp.
 
 coremltools' kmeans1d is the reference: on the same (weighted) data the exact
 solver must reach the same optimal cost, and through the palettize stage the
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages import palettize
-from stages.exact_kmeans import cluster_groups, weighted_error
-from stages.schema import ConfigError, PalettizeConfig, validate
+from coreml_pipeline.config.schema import ConfigError, PalettizeConfig, validate
+from coreml_pipeline.kmeans import cluster_groups, weighted_error
+from coreml_pipeline.techniques import palettize
 
 
 def kmeans1d_error(values: np.ndarray, k: int, weights: np.ndarray | None) -> float:
@@ -134,8 +134,9 @@ def test_exact_dp_data_free_error_is_never_above_coremltools():
     ({"kmeans_solver": "fast"}, "coremltools, exact_dp"),
 ])
 def test_exact_dp_refuses_what_it_does_not_compute(override, message):
-    from stages.config import compose_text
     import yaml
+
+    from coreml_pipeline.config.compose import compose_text
 
     params = yaml.safe_load(compose_text(["palettize.kmeans_solver=exact_dp"]))
     params["palettize"].update(override)

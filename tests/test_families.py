@@ -1,4 +1,4 @@
-"""Model families (stages/families/): STRUCTURE TESTS ONLY.
+"""Model families (coreml_pipeline/families/): STRUCTURE TESTS ONLY.
 
 Each family runs every stage of dvc.yaml, conversion included, on a tiny randomly
 initialised model (tests/tiny_families.py): a UNet shaped like SDXL's, Llama- and
@@ -15,10 +15,10 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import make_project_copy, run
-from stages.inprocess import run_stages
 from tiny_families import REDUCED, ROOT, compose, family_overrides, tiny_sd_pipeline
+
+from coreml_pipeline.tools.inprocess import run_stages
 
 ALL_STAGES = ["validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
               "coreml_compress", "evaluate"]
@@ -106,8 +106,8 @@ def test_sd_pipeline_text_encoder_embeds_the_prompts(tmp_path):
     import torch
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from stages.families.sd_unet import SDUNet
-    from stages.schema import DataConfig, ModelConfig
+    from coreml_pipeline.config.schema import DataConfig, ModelConfig
+    from coreml_pipeline.families.sd_unet import SDUNet
 
     source = tiny_sd_pipeline(tmp_path / "pipeline")
     family = SDUNet(ModelConfig(family="sd_unet", source=str(source)),
@@ -142,7 +142,7 @@ def _params(tmp_path, overrides):
 
 
 def test_missing_model_path_names_the_key(tmp_path):
-    from stages.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError, validate
 
     params = _params(tmp_path, ["model=causal_lm", f"model.source={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match=r"model\.source=.*nope.*must exist"):
@@ -154,7 +154,7 @@ def test_missing_model_path_names_the_key(tmp_path):
     ("model.module._target_=no_such_package.Net", r"model\.module\._target_=.*cannot be imported"),
 ])
 def test_bad_custom_import_path_names_the_key(tmp_path, override, message):
-    from stages.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError, validate
 
     with pytest.raises(ConfigError, match=message):
         validate(_params(tmp_path, ["model=custom", override]))
@@ -167,9 +167,9 @@ def test_bad_custom_import_path_names_the_key(tmp_path, override, message):
 def test_bad_custom_module_fails_in_the_first_stage(tmp_path, monkeypatch, target, message):
     """Before any compression work: the prune stage (the first to load the model) refuses it,
     and exits 2 with one line naming model.module."""
+    from coreml_pipeline.config.schema import ConfigError
+    from coreml_pipeline.runtime import run_cli
     from stages import prune
-    from stages.runtime import run_cli
-    from stages.schema import ConfigError
 
     params = tmp_path / "params.yaml"
     compose(["model=custom", f"data.dir={ROOT / 'data/stsb'}", f"model.module._target_={target}", "~model.module.channels",
@@ -182,7 +182,7 @@ def test_bad_custom_module_fails_in_the_first_stage(tmp_path, monkeypatch, targe
 
 
 def test_family_data_mismatch_names_the_key(tmp_path):
-    from stages.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError, validate
 
     (tmp_path / "lm").mkdir()
     (tmp_path / "lm" / "config.json").write_text("{}")
@@ -195,7 +195,7 @@ def test_family_data_mismatch_names_the_key(tmp_path):
      r"finetune\.method='qat' is not allowed; allowed with model\.family=custom: none"),
 ])
 def test_family_refusals_name_the_key(tmp_path, overrides, message):
-    from stages.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError, validate
 
     with pytest.raises(ConfigError, match=message):
         validate(_params(tmp_path, overrides))
@@ -204,8 +204,8 @@ def test_family_refusals_name_the_key(tmp_path, overrides, message):
 def test_device_defaults_to_what_is_available(tmp_path):
     import torch
 
-    from stages.families.base import torch_device
-    from stages.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError, validate
+    from coreml_pipeline.families.base import torch_device
 
     model = validate(_params(tmp_path, []))["model"]
     assert model.device == "auto"
@@ -224,24 +224,24 @@ def test_custom_family_through_dvc_repro(tmp_path):
     run(["dvc", "repro"], project)
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert math.isfinite(metrics["psnr_db"]) and metrics["package_bytes"] > 0
-    # Bytecode beside the stages/families directory dependency (an interpreter without
+    # Bytecode beside the coreml_pipeline/families directory dependency (an interpreter without
     # PYTHONDONTWRITEBYTECODE writes it) changes nothing: .dvcignore leaves it out.
-    (project / "stages/families/__pycache__").mkdir(exist_ok=True)
-    (project / "stages/families/__pycache__/base.cpython-311.pyc").write_bytes(b"\0")
+    (project / "coreml_pipeline/families/__pycache__").mkdir(exist_ok=True)
+    (project / "coreml_pipeline/families/__pycache__/base.cpython-311.pyc").write_bytes(b"\0")
     assert "stage=" not in run(["dvc", "repro"], project).stderr
-    audit = run([__import__("sys").executable, "-m", "stages.audit", "artifacts/convert/model.mlpackage", "--json"],
+    audit = run([__import__("sys").executable, "-m", "coreml_pipeline.tools.audit", "artifacts/convert/model.mlpackage", "--json"],
                 project, check=False)
     assert "module:examples.tiny_models.ConvEncoder" in audit.stdout + audit.stderr
 
 
 def test_mixed_bit_generator_refuses_other_families(tmp_path, monkeypatch):
-    """stages.mixed_bit scores candidate recipes on STS-B: other families get one line, not a crash."""
-    from stages import mixed_bit
-    from stages.schema import ConfigError
+    """coreml_pipeline.tools.mixed_bit scores candidate recipes on STS-B: other families get one line, not a crash."""
+    from coreml_pipeline.config.schema import ConfigError
+    from coreml_pipeline.tools import mixed_bit
 
     params = tmp_path / "params.yaml"
     compose(["model=custom", f"data.dir={ROOT / 'data/stsb'}"], params)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"model\.family='custom' is not allowed for stages\.mixed_bit"):
+    with pytest.raises(ConfigError, match=r"model\.family='custom' is not allowed for coreml_pipeline\.tools\.mixed_bit"):
         mixed_bit.main(["--params", str(params), "--name", "x", "--min-cosine", "0.97"])
     assert not (tmp_path / "conf").exists()

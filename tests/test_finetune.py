@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-
-from stages import palettize, quantize
-from stages.finetune import train
-from stages.model import COREML_PREFIX, compressible_weights, compression_types
-from stages.runtime import log
-from stages.schema import FinetuneConfig, PalettizeConfig, QuantizeConfig
 from test_compression import token_batches
+
+from coreml_pipeline.config.schema import FinetuneConfig, PalettizeConfig, QuantizeConfig
+from coreml_pipeline.model import COREML_PREFIX, compressible_weights, compression_types
+from coreml_pipeline.runtime import log
+from coreml_pipeline.techniques import palettize, quantize
+from coreml_pipeline.techniques.finetune import train
 
 
 def random_batches(steps: int, batch_size: int = 4, length: int = 10):

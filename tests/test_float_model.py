@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT
-from stages.data import eval_pairs, load_pairs
-from stages.evaluate import sts_spearman
-from stages.model import encode, load_float_model, load_tokenizer
-from stages.schema import DataConfig, ModelConfig
+
+from coreml_pipeline.config.schema import DataConfig, ModelConfig
+from coreml_pipeline.families.embedding import encode, sts_spearman
+from coreml_pipeline.families.stsb import eval_pairs, load_pairs
+from coreml_pipeline.model import load_float_model, load_tokenizer
 
 
 def test_stsb_splits_load_through_datasets(monkeypatch):

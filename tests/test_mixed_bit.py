@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from stages import mixed_bit
-from stages.calibrate import sensitivity
-from stages.model import COREML_PREFIX, compressible_weights
-from stages.palettize import keep_pruned_zeros, layer_n_bits, palettize, run, zeros_kept
-from stages.prune import prune
-from stages.schema import ConfigError, PalettizeConfig, PruneConfig, validate
 from test_compression import pair_batches, token_batches
+
+from coreml_pipeline.config.schema import ConfigError, PalettizeConfig, PruneConfig, validate
+from coreml_pipeline.families.embedding import cosine_loss
+from coreml_pipeline.model import COREML_PREFIX, compressible_weights
+from coreml_pipeline.techniques.calibrate import sensitivity
+from coreml_pipeline.techniques.palettize import keep_pruned_zeros, layer_n_bits, palettize, run, zeros_kept
+from coreml_pipeline.techniques.prune import prune
+from coreml_pipeline.tools import mixed_bit
 
 MIXED = {
     r"encoder\.layer\.0\..*": 1,  # a pattern for a whole block
@@ -35,7 +36,7 @@ def mixed_cfg(method: str, **extra) -> PalettizeConfig:
 @pytest.mark.parametrize("method", ["kmeans", "sensitive_kmeans", "uniform"])
 def test_layer_bits_give_each_layer_its_own_table(tiny_bert, method):
     model = tiny_bert()
-    values = sensitivity(model, pair_batches(2)) if method == "sensitive_kmeans" else None
+    values = sensitivity(model, pair_batches(2), cosine_loss) if method == "sensitive_kmeans" else None
     cfg = mixed_cfg(method)
     model = run(model, cfg, values)
     for name, module in compressible_weights(model):
@@ -165,7 +166,8 @@ def test_refill_spends_a_big_step_down_on_the_layers_that_need_it():
 
 
 def test_mixed_bits_refuse_dkm_and_the_core_ml_side():
-    from stages.schema import check_combination, CoremlConfig, FinetuneConfig, PruneConfig as Prune, QuantizeConfig
+    from coreml_pipeline.config.schema import CoremlConfig, FinetuneConfig, QuantizeConfig, check_combination
+    from coreml_pipeline.config.schema import PruneConfig as Prune
 
     mixed = PalettizeConfig(method="kmeans", layer_bits={"encoder.*": 2})
     with pytest.raises(ConfigError, match="finetune.method='dkm'.*layer_bits"):

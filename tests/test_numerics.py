@@ -1,4 +1,4 @@
-"""Portable numerics (stages/numerics.py): the pins take, the platform is recorded, and a cold
+"""Portable numerics (coreml_pipeline/numerics.py): the pins take, the platform is recorded, and a cold
 reduced run matches the golden record committed in tests/golden/ (made on another machine: this
 test is how the promise is checked wherever the suite runs)."""
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REDUCED_OVERRIDES, ROOT, run
 
 GOLDEN = Path(__file__).parent / "golden" / "reduced.json"
@@ -23,7 +22,7 @@ SUMMARY_RTOL = 1e-3
 
 
 def fingerprint_in_fresh_process(mode: str, env: dict[str, str], before: str = "") -> tuple[int, str, str]:
-    code = ("import json, torch\nfrom stages import numerics\n" + before +
+    code = ("import json, torch\nfrom coreml_pipeline import numerics\n" + before +
             f"numerics.apply({mode!r}, 2)\nprint(json.dumps(numerics.fingerprint({mode!r})))\n")
     result = run([sys.executable, "-c", code], ROOT, check=False, env=env)
     return result.returncode, result.stdout, result.stderr
@@ -53,7 +52,7 @@ def test_native_mode_records_what_the_machine_chose():
 def test_a_gpu_run_records_that_it_is_outside_the_promise(monkeypatch):
     import torch
 
-    from stages import numerics
+    from coreml_pipeline import numerics
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     record = numerics.fingerprint("portable", torch.device("cuda", 0))
@@ -86,7 +85,8 @@ def snapshot(project: Path) -> dict:
     import numpy as np
     from safetensors.numpy import load_file
 
-    from stages import audit, provenance
+    from coreml_pipeline.coreml import provenance
+    from coreml_pipeline.tools import audit
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     outputs, summaries = {}, {}
@@ -111,7 +111,7 @@ def test_a_cold_reduced_run_matches_the_golden_record(reduced_run, record_proper
     """Bit-identical where the promise holds (the same numerics contract and versions as the
     record's machine: portable mode on any x86-64 CPU with AVX2); elsewhere equivalent within
     tolerance, and the test says which. UPDATE_GOLDEN=1 rewrites the record from this run."""
-    from stages.audit import TOLERANCES
+    from coreml_pipeline.tools.audit import TOLERANCES
 
     project, repro = reduced_run
     assert repro.returncode == 0
@@ -168,7 +168,7 @@ def test_a_native_build_on_another_cpu_is_rebuilt_elsewhere_and_different(tmp_pa
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     run(["dvc", "repro", "convert"], clone, env={"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"})
     package = "artifacts/convert/model.mlpackage"
-    result = run([sys.executable, "-m", "stages.audit", str(clone / package), "--repo", str(project), "--json"],
+    result = run([sys.executable, "-m", "coreml_pipeline.tools.audit", str(clone / package), "--repo", str(project), "--json"],
                  project, check=False)
     assert result.returncode == 5, result.stdout + result.stderr
     report = json.loads(result.stdout)

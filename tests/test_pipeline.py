@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REDUCED_OVERRIDES, copy_of_reduced_run, make_project_copy, project_env, run
-from stages import experiments, report
-from stages.convert import load_program
+
+from coreml_pipeline.coreml.convert import load_program
+from coreml_pipeline.tools import experiments, report
 
 STAGES = ("validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
           "coreml_compress", "evaluate")
@@ -47,7 +47,7 @@ def test_mixed_bit_recipe_from_the_cached_sensitivity(reproduced, tmp_path):
     two widths, one table per tensor, a few held-out pairs): a palettize config
     every layer is named in."""
     project, _ = reproduced
-    out = run([sys.executable, "-m", "stages.mixed_bit", "--size-mb", "8", "--bits", "2", "4", "--pairs", "4",
+    out = run([sys.executable, "-m", "coreml_pipeline.tools.mixed_bit", "--size-mb", "8", "--bits", "2", "4", "--pairs", "4",
                "--check-pairs", "8", "--name", "mixed_test", "palettize.granularity=per_tensor",
                "palettize.group_size=null"], project)
     assert "Run it: dvc exp run -S palettize=mixed_test" in out.stdout
@@ -57,7 +57,7 @@ def test_mixed_bit_recipe_from_the_cached_sensitivity(reproduced, tmp_path):
     assert report["estimated_package_mb"] <= 8 and 2 < report["mean_bits"] < 4 and 0 < report["cosine"] <= 1
     composed = tmp_path / "params.yaml"
     upstream = [o for o in REDUCED_OVERRIDES if not o.startswith("palettize.")]
-    run([sys.executable, "-m", "stages.config", "--params", str(composed), *upstream, "palettize=mixed_test"], project)
+    run([sys.executable, "-m", "coreml_pipeline.config.compose", "--params", str(composed), *upstream, "palettize=mixed_test"], project)
     assert yaml.safe_load(composed.read_text())["palettize"]["layer_bits"] == recipe["layer_bits"]
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
 
@@ -174,7 +174,7 @@ def test_sweeps_through_dvc_experiments_reuse_upstream_stages(reproduced):
 
     # Two jobs at once through joblib; group 16 is new, so only the stages after calibrate run.
     grid = project / "sweeps/grid"
-    out = run([sys.executable, "-m", "stages.sweep", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    out = run([sys.executable, "-m", "coreml_pipeline.tools.sweep", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                f"hydra.sweep.dir={grid}", *base, "palettize.group_size=16,32"], project)
     results = sweep_results(grid)
     assert sorted(results["16"]["stages_run"]) == sorted(downstream)
@@ -185,13 +185,13 @@ def test_sweeps_through_dvc_experiments_reuse_upstream_stages(reproduced):
 
     # submitit's local executor: one job in its own process, restored.
     submitit = project / "sweeps/submitit"
-    run([sys.executable, "-m", "stages.sweep", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+    run([sys.executable, "-m", "coreml_pipeline.tools.sweep", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
          f"hydra.sweep.dir={submitit}", "sweep.name_prefix=submitit", *base, "palettize.group_size=32"], project)
     assert sweep_results(submitit)["32"]["stages_run"] == []
 
     # The Optuna sweeper with the search config, narrowed to what is cached.
     search = project / "sweeps/search"
-    out = run([sys.executable, "-m", "stages.sweep", "-cn", "search", "hydra.sweeper.n_trials=2",
+    out = run([sys.executable, "-m", "coreml_pipeline.tools.sweep", "-cn", "search", "hydra.sweeper.n_trials=2",
                "hydra.sweeper.params=null", f"hydra.sweep.dir={search}", *base, "palettize=sensitive_kmeans",
                "palettize.group_size=choice(16,32)"], project)
     assert all(r["stages_run"] == [] for r in sweep_results(search).values())

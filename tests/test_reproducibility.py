@@ -13,9 +13,9 @@ import time
 import psutil
 import pytest
 import yaml
-
 from conftest import SIMULATED_CPUS, copy_of_reduced_run, project_env, run
-from stages import provenance
+
+from coreml_pipeline.coreml import provenance
 
 PACKAGE = "artifacts/convert/model.mlpackage"
 
@@ -41,7 +41,7 @@ def built(reduced_run, tmp_path_factory):
 
 
 def audit(project, package, *flags):
-    return run([sys.executable, "-m", "stages.audit", str(package), "--repo", str(project), *flags], project,
+    return run([sys.executable, "-m", "coreml_pipeline.tools.audit", str(package), "--repo", str(project), *flags], project,
                check=False)
 
 
@@ -176,8 +176,8 @@ def test_decoded_weights_beyond_tolerance_are_tampered(built, tmp_path, monkeypa
     """A package re-made from the commit's config and data but not recorded (its provenance
     restamped, so it is internally consistent) is compared with the recorded build from the DVC
     cache; with the tolerances at zero one flipped weight byte is beyond them."""
-    from stages import audit as audit_lib
-    from stages.convert import make_reproducible
+    from coreml_pipeline.coreml.convert import make_reproducible
+    from coreml_pipeline.tools import audit as audit_lib
 
     project = built[0]
     copy = tmp_path / "model.mlpackage"
@@ -202,7 +202,7 @@ def test_rebuild_on_a_simulated_other_cpu_is_bit_identical_in_every_stage(built)
     project = built[0]
     settings = list(SIMULATED_CPUS.values())[1]
     cache = sorted(str(p) for p in (project / ".dvc" / "cache").rglob("*"))
-    text = run([sys.executable, "-m", "stages.audit", PACKAGE, "--rebuild"], project, check=False, env=settings)
+    text = run([sys.executable, "-m", "coreml_pipeline.tools.audit", PACKAGE, "--rebuild"], project, check=False, env=settings)
     assert text.returncode == 0, text.stdout + text.stderr
     assert "PASS  rebuild: identical bytes" in text.stdout
     assert "first stage whose outputs differ" not in text.stdout  # every stage's outputs equal the recorded lock's
@@ -285,7 +285,7 @@ def test_push_and_pull_through_an_s3_remote_leave_nothing_to_rerun(built, s3_ser
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     run(["dvc", "pull"], clone)
     assert json.loads(run(["dvc", "status", "--json"], clone).stdout) == {}
-    assert run([sys.executable, "-m", "stages.audit", PACKAGE, "--repo", "."], clone).returncode == 0
+    assert run([sys.executable, "-m", "coreml_pipeline.tools.audit", PACKAGE, "--repo", "."], clone).returncode == 0
 
     second = tmp_path / "second"
     run(["git", "clone", "-q", str(project), str(second)], tmp_path)

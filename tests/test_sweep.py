@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
-from stages import report, sweep
-from stages.schema import SECTIONS, ConfigError, validate
+from coreml_pipeline.config.schema import SECTIONS, ConfigError, validate
+from coreml_pipeline.tools import report, sweep
 
 
 def metrics(mb: float, sts: float, cosine: float, meets: bool) -> dict:
@@ -115,7 +115,7 @@ def test_report_writes_a_table_and_a_chart(tmp_path, monkeypatch):
 
 
 def test_dvc_output_reaches_the_progress_callback_line_by_line(caplog):
-    from stages import experiments
+    from coreml_pipeline.tools import experiments
 
     seen = []
     result = experiments.dvc("--version", on_line=seen.append)
@@ -129,7 +129,7 @@ def test_dvc_output_reaches_the_progress_callback_line_by_line(caplog):
 
 
 def test_a_failed_experiment_is_summarised_by_its_exception_line():
-    from stages.sweep import headline
+    from coreml_pipeline.tools.sweep import headline
 
     output = ('  File "converter.py", line 1113, in _construct_palettization_op\n'
               "ValueError: Invalid parameter 'indices'; ... should be uint6, but got uint8.\n"
@@ -140,7 +140,7 @@ def test_a_failed_experiment_is_summarised_by_its_exception_line():
 
 
 def test_report_labels_a_mixed_bit_recipe_by_its_widths():
-    from stages.report import recipe_label
+    from coreml_pipeline.tools.report import recipe_label
 
     reference = {"palettize.n_bits": 4, "palettize.group_size": 4, "palettize.layer_bits": None}
     mixed = {"palettize.n_bits": 4, "palettize.group_size": 16, "palettize.layer_bits.encoder.layer.0.output.dense": 6,

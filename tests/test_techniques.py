@@ -12,13 +12,23 @@ import logging
 
 import pytest
 import torch
-
-from stages import convert, families, palettize, quantize
-from stages.calibrate import sensitivity
-from stages.model import compressible_weights
-from stages.prune import prune
-from stages.schema import ConvertConfig, ModelConfig, PalettizeConfig, PruneConfig, QuantizeConfig, check_combination
 from test_compression import pair_batches, token_batches
+
+from coreml_pipeline import families
+from coreml_pipeline.config.schema import (
+    ConvertConfig,
+    ModelConfig,
+    PalettizeConfig,
+    PruneConfig,
+    QuantizeConfig,
+    check_combination,
+)
+from coreml_pipeline.coreml import convert
+from coreml_pipeline.families.embedding import cosine_loss
+from coreml_pipeline.model import compressible_weights
+from coreml_pipeline.techniques import palettize, quantize
+from coreml_pipeline.techniques.calibrate import sensitivity
+from coreml_pipeline.techniques.prune import prune
 
 LUT, SPARSE, SCALE = "constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_blockwise_shift_scale"
 LUT_SPARSE, SPARSE_SCALE = "constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale"
@@ -44,7 +54,7 @@ TECHNIQUES = {
     "kmeans-6bit-g16": (None, pal(n_bits=6), None, [LUT]),
     "kmeans-8bit-per-tensor": (None, pal(n_bits=8, granularity="per_tensor"), None, [LUT]),
     "sensitive-kmeans-3bit-g16": (None, pal(method="sensitive_kmeans", n_bits=3), None, [LUT]),
-    # The optimal k-means of stages/exact_kmeans.py, registered as coremltools' own metadata.
+    # The optimal k-means of coreml_pipeline/kmeans.py, registered as coremltools' own metadata.
     "exact-dp-sensitive-4bit-g16": (None, pal(method="sensitive_kmeans", kmeans_solver="exact_dp"), None, [LUT]),
     "exact-dp-kmeans-8bit-per-tensor": (None, pal(n_bits=8, granularity="per_tensor", kmeans_solver="exact_dp"), None,
                                         [LUT]),
@@ -63,7 +73,7 @@ TECHNIQUES = {
     "magnitude-2:4-int8": (PruneConfig(method="magnitude", target_sparsity=0.5, n_m_ratio=[2, 4]), OFF, quant(),
                            [SPARSE_SCALE, SPARSE]),
     "magnitude-kmeans-4bit": (MAGNITUDE, pal(), None, [LUT_SPARSE, SPARSE]),
-    # 3 and 6 bits: packed index widths other than 4 and 8 through the sparse look-up op (stages/precision.py)
+    # 3 and 6 bits: packed index widths other than 4 and 8 through the sparse look-up op (coreml_pipeline/techniques/precision.py)
     "magnitude-kmeans-3bit": (MAGNITUDE, pal(n_bits=3), None, [LUT_SPARSE, SPARSE]),
     "magnitude-kmeans-6bit": (MAGNITUDE, pal(n_bits=6), None, [LUT_SPARSE, SPARSE]),
     "sparse-gpt-int4-affine": (PruneConfig(method="sparse_gpt", target_sparsity=0.4), OFF,
@@ -76,7 +86,7 @@ TECHNIQUES = {
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
 def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, tiny_bert, tmp_path, monkeypatch):
-    from stages import precision
+    from coreml_pipeline.techniques import precision
 
     # Row blocks as small as on the real model's big weights, so conversion takes that path here too.
     monkeypatch.setattr(precision, "INDEX_SEARCH_ELEMENTS", 1 << 12)
@@ -86,7 +96,7 @@ def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, ti
     model = tiny_bert()
     if prune_cfg is not None:
         model = prune(model, prune_cfg, token_batches(4))
-    values = sensitivity(model, pair_batches(2)) if palettize_cfg.method == "sensitive_kmeans" else None
+    values = sensitivity(model, pair_batches(2), cosine_loss) if palettize_cfg.method == "sensitive_kmeans" else None
     model = palettize.run(model, palettize_cfg, values)
     if quantize_cfg is not None:
         model = quantize.run(model, quantize_cfg, token_batches(4))
@@ -109,7 +119,8 @@ def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
     import numpy as np
     from coremltools.optimize import _utils
 
-    from stages import precision
+    from coreml_pipeline.coreml import private
+    from coreml_pipeline.techniques import precision
 
     generator = np.random.default_rng(0)
     data = generator.normal(size=(64, 32)).astype(np.float32)
@@ -117,8 +128,9 @@ def test_row_block_index_search_equals_coremltools(lut_shape, monkeypatch):
     monkeypatch.setattr(precision, "INDEX_SEARCH_ELEMENTS", 2000)  # force many row blocks
     expected = _utils.find_indices_for_lut(data, lut)
     calls = []
-    original = precision._coremltools_index_search()
-    monkeypatch.setattr(precision, "_SAVED", [lambda *args: calls.append(1) or original(*args)])
+    original = private.coremltools_find_indices_for_lut()
+    monkeypatch.setattr(private, "coremltools_find_indices_for_lut",
+                        lambda: lambda *args: calls.append(1) or original(*args))
     found = precision.find_indices_for_lut(data, lut)
     np.testing.assert_array_equal(found, expected)
     # The packed width (uint3, uint6...) rides in the dtype's metadata; the sparse look-up op needs it.

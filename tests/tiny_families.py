@@ -136,7 +136,7 @@ def family_overrides(family: str, workdir: Path) -> list[str]:
 
 
 def compose(overrides: list[str], path: Path) -> dict:
-    from stages.config import compose_text
+    from coreml_pipeline.config.compose import compose_text
 
     text = compose_text(overrides)
     path.write_text(text, encoding="utf-8")

@@ -11,13 +11,12 @@ import sys
 
 def _record() -> None:
     import json
+    import multiprocessing
     import resource
     import time
     from pathlib import Path
 
     import psutil
-
-    import multiprocessing
 
     script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     if script is None or script.parent.name != "stages" or multiprocessing.parent_process() is not None:

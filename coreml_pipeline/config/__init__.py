@@ -1,0 +1,1 @@
+"""Composition of the Hydra config into params.yaml (compose), and its validation (schema)."""

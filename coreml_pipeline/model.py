@@ -1,0 +1,127 @@
+"""The sentence-embedding model: loading, encoding, and weights with their
+coremltools compression metadata.
+
+The compressible network is a transformers ``BertModel`` without its pooler
+(the pooled output is never used, and SKMPalettizer needs every compressed
+parameter to get a gradient). Sentence embeddings are the mean of the token
+states over the attention mask, L2-normalised, as in sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+# Nothing here may reach a hub at run time; a hub id works only from a filled cache
+# unless the user clears these.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from coreml_pipeline.config.schema import PACKAGED_PREFIX, ModelConfig
+from coreml_pipeline.runtime import partial_path
+
+COREML_PREFIX = "_COREML_"
+# coremltools' CompressionType values, as stored in the compression_type buffer.
+PRUNING, PALETTIZATION, QUANTIZATION = 1, 2, 3
+
+
+def resolve_source(source: str) -> str:
+    """A directory or hub id that ``from_pretrained`` accepts."""
+    if source.startswith(PACKAGED_PREFIX):
+        package = importlib.import_module(source[len(PACKAGED_PREFIX):])
+        return str(package.get_model_path())
+    local = Path(source).expanduser()
+    return str(local) if local.exists() else source
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_source(cfg.source))
+
+
+def load_float_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The float network of model.family (coreml_pipeline/families/): the module whose
+    state dict every stage reads and writes."""
+    from coreml_pipeline import families
+
+    return families.get(cfg).load_float()
+
+
+
+
+
+
+
+
+
+
+
+
+def compressed_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters plus the ``_COREML_`` metadata buffers, as contiguous tensors."""
+    return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write safetensors atomically. No header metadata: safetensors serialises
+    it in a random (hash map) order, which would change the file's hash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    save_file(tensors, str(partial))
+    os.replace(partial, path)
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """safetensors, not pickles: a pickled module that went through MagnitudePruner
+    can serialise its pruned-only original (see shared notes)."""
+    save_tensors(compressed_state_dict(model), path)
+
+
+def register_metadata(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Re-register ``<module>._COREML_/<param>/<key>`` buffers, which a fresh
+    BertModel does not have, so that ct.convert sees the compression again."""
+    for key, value in state.items():
+        if COREML_PREFIX not in key:
+            continue
+        module_name, _, buffer_name = key.partition(COREML_PREFIX)
+        module = model.get_submodule(module_name.rstrip(".")) if module_name else model
+        module.register_buffer(COREML_PREFIX + buffer_name, value)
+
+
+def load_weights(cfg: ModelConfig, path: str | Path) -> torch.nn.Module:
+    """The float architecture with the weights and compression metadata at ``path``."""
+    model = load_float_model(cfg)
+    state = load_file(str(path))
+    register_metadata(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+COMPRESSIBLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+
+
+def compressible_weights(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+    """(module name, module) of every Linear, Conv and Embedding: what this pipeline compresses."""
+    for name, module in model.named_modules():
+        if isinstance(module, COMPRESSIBLE):
+            yield name, module
+
+
+def compression_metadata(module: torch.nn.Module, key: str) -> torch.Tensor | None:
+    """The ``_COREML_/weight/<key>`` metadata of ``module`` (lut, quantization_scale, ...), or None.
+    The one reader; coreml_pipeline.coreml.private.register_compression is the one writer."""
+    return getattr(module, f"{COREML_PREFIX}/weight/{key}", None)
+
+
+def compression_types(module: torch.nn.Module) -> list[int]:
+    """The coremltools compressions applied to ``module.weight``, in order ([] for none)."""
+    kinds = compression_metadata(module, "compression_type")
+    return [] if kinds is None else [int(k) for k in kinds.tolist()]

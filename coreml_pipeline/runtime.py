@@ -1,0 +1,92 @@
+"""What every stage's command line shares: logging, seeding, error exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from coreml_pipeline import numerics as numerics_lib
+from coreml_pipeline.config.schema import ConfigError, RuntimeConfig
+
+log = logging.getLogger("pipeline")
+
+
+def setup(stage: str, seed: int = 0, numerics: RuntimeConfig | None = None) -> logging.Logger:
+    """Pin the CPU code paths (``numerics``: the runtime section; before any torch operation),
+    quiet third-party chatter, seed every generator, and return the stage's logger.
+
+    Each stage logs ``stage=<name> start`` once per execution, so sweeps can count
+    which stages really ran and which DVC restored from its cache.
+    """
+    # coremltools.optimize.torch logs every sample and layer at INFO by default.
+    os.environ.setdefault("COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL", "warning")
+    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("coremltools", "transformers", "datasets", "torch", "diffusers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="coremltools")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import numpy as np
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if numerics is not None:
+        numerics_lib.apply(numerics.numerics, numerics.threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    logger = logging.getLogger(f"pipeline.{stage}")
+    logger.info("stage=%s start", stage)
+    return logger
+
+
+@contextmanager
+def timed(logger: logging.Logger, what: str):
+    start = time.perf_counter()
+    yield
+    logger.info("%s took %.1f s", what, time.perf_counter() - start)
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Run a stage's main(); a config error becomes one line on stderr and exit 2."""
+    try:
+        main(argv)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def partial_path(path: Path) -> Path:
+    """Where an output is written before it is moved into place, so that an
+    interrupted stage never leaves a half-written file under the real name
+    (coremltools insists that the name still ends in .mlpackage)."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def pass_through(source: str | Path, target: str | Path) -> None:
+    """A disabled optional stage's output: the input, byte for byte, moved into
+    place only when complete (so DVC's cache serves everything downstream)."""
+    import os
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(target)
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)

@@ -1,0 +1,78 @@
+"""SparseGPT and GPTQ for networks that are not a stack of repeated blocks
+(a UNet, a ResNet, a user's module).
+
+coremltools' LayerwiseCompressor walks a sequence of blocks, feeding each
+block the previous block's compressed outputs; a UNet's skip connections and
+a ResNet's stem do not fit that walk. Here coremltools' own per-layer
+algorithms (algorithms.SparseGPT / algorithms.GPTQ, the ones LayerwiseCompressor
+runs) get each layer's inputs from forward hooks on the whole network instead,
+one group of layers at a time in network order, so that a group's inputs
+already come from the compressed layers before it (as in the block walk) and
+the Hessians held at once stay under a memory budget."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("pipeline.layerwise")
+# Linear and Conv2d: the layers coremltools' OBS algorithms handle.
+LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+# Hessians (columns^2 float32 each) held at once: one group of layers per forward pass over the samples.
+HESSIAN_BUDGET_BYTES = 2 << 30
+
+
+def _columns(layer: torch.nn.Module) -> int:
+    return int(layer.weight[0].numel())
+
+
+def layer_groups(model: torch.nn.Module, budget: int = HESSIAN_BUDGET_BYTES) -> list[list[tuple[str, torch.nn.Module]]]:
+    """The network's Linear/Conv2d layers in order, cut into groups whose Hessians fit ``budget``."""
+    groups, current, used = [], [], 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LAYER_TYPES):
+            continue
+        size = 4 * _columns(layer) ** 2
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append((name, layer))
+        used += size
+    return groups + ([current] if current else [])
+
+
+@torch.no_grad()
+def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, family, samples: list[dict],
+                        device, budget: int = HESSIAN_BUDGET_BYTES) -> torch.nn.Module:
+    """Run coremltools' ``algorithm`` ("sparse_gpt" or "gptq", with its module ``options``) on
+    every Linear/Conv2d layer of ``model``, fed the family's calibration ``samples`` on ``device``;
+    the model comes back on the CPU."""
+    from coremltools.optimize.torch.layerwise_compression.algorithms import (
+        LayerwiseCompressionAlgorithm,
+        LayerwiseCompressionAlgorithmConfig,
+    )
+
+    from coreml_pipeline.coreml.private import register_metadata_version
+
+    config = LayerwiseCompressionAlgorithmConfig.get_class(algorithm).from_dict({"algorithm": algorithm, **options})
+    algorithm_class = LayerwiseCompressionAlgorithm.get_class(algorithm)
+    wrapped = family.wrap(model).eval().to(device)
+    groups = layer_groups(model, budget)
+    for index, group in enumerate(groups):
+        workers = {name: algorithm_class(layer, config) for name, layer in group}
+        hooks = [layer.register_forward_hook(
+                     lambda _, inputs, output, worker=workers[name]: worker.add_batch(inputs[0].data, output.data))
+                 for name, layer in group]
+        try:
+            for sample in samples:  # outputs are not kept: the hooks take what they need
+                family.call(wrapped, sample, device)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for worker in workers.values():
+            worker.compress()
+            worker.cleanup()
+        log.info("%s: layer group %d of %d done (%d layers)", algorithm, index + 1, len(groups), len(group))
+    register_metadata_version(model)
+    return model.cpu()

@@ -1,0 +1,297 @@
+"""Palettization of torch weights: coremltools' k-means, sensitive k-means and uniform tables,
+the exact k-means solver, mixed bits per layer, and zero-keeping sparse palettization."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coreml_pipeline import runtime
+from coreml_pipeline.config.schema import PalettizeConfig, TensorPaletteConfig
+from coreml_pipeline.model import PALETTIZATION, PRUNING, compressible_weights, compression_metadata, compression_types
+from coreml_pipeline.techniques.precision import round_like_package, warn_lost_rows
+
+
+def module_config(cfg: TensorPaletteConfig, n_bits: int | None = None, channel_axis: int = 0) -> dict:
+    grouped = cfg.granularity == "per_grouped_channel"
+    return {
+        "n_bits": n_bits or cfg.n_bits,
+        "granularity": cfg.granularity,
+        "group_size": cfg.group_size if grouped else None,
+        "channel_axis": channel_axis,
+        "enable_per_channel_scale": cfg.enable_per_channel_scale,
+        "lut_dtype": cfg.lut_dtype,
+        "cluster_dim": cfg.cluster_dim if cfg.cluster_dim > 1 else None,
+    }
+
+
+def layer_n_bits(cfg: PalettizeConfig, name: str, embedding: bool) -> int:
+    """Bits of one layer: the first palettize.layer_bits pattern that fully matches
+    its name (coremltools' module_name_configs rule), else the section's default."""
+    for pattern, bits in cfg.layer_bits.items():
+        if re.fullmatch(pattern, name):
+            return bits
+    return (cfg.embeddings.n_bits or cfg.n_bits) if embedding else cfg.n_bits
+
+
+def palettized_layers(model: torch.nn.Module, cfg: PalettizeConfig) -> list[tuple[str, torch.nn.Module]]:
+    """The layers this section palettizes; fails on a layer_bits pattern that matches none of them."""
+    layers = [(name, module) for name, module in compressible_weights(model)
+              if cfg.embeddings.enabled or not isinstance(module, torch.nn.Embedding)]
+    for pattern in cfg.layer_bits:
+        if not any(re.fullmatch(pattern, name) for name, _ in layers):
+            examples = ", ".join(name for name, _ in layers[:3])
+            raise ValueError(f"config error: palettize.layer_bits key {pattern!r} matches no palettized layer; "
+                             f"allowed: a regex over layer names such as {examples}")
+    return layers
+
+
+def palettizer_config(cfg: PalettizeConfig, model: torch.nn.Module) -> dict:
+    embeddings = cfg.embeddings
+    options = {
+        "global_config": module_config(cfg),
+        "module_type_configs": {
+            **{kind: module_config(cfg) for kind in ("Linear", "Conv1d", "Conv2d", "Conv3d")},
+            "Embedding": module_config(cfg, embeddings.n_bits, embeddings.channel_axis) if embeddings.enabled else None,
+        },
+    }
+    layers = palettized_layers(model, cfg)
+    # One exact entry per layer rather than the user's patterns: an embedding needs its own channel_axis,
+    # and so does a layer grouped along its input channels (channel_axis).
+    named = {
+        re.escape(name): module_config(cfg, layer_n_bits(cfg, name, isinstance(module, torch.nn.Embedding)),
+                                       channel_axis(module, cfg))
+        for name, module in layers
+        if cfg.layer_bits or (channel_axis(module, cfg) != 0 and not isinstance(module, torch.nn.Embedding))
+    }
+    if named:
+        options["module_name_configs"] = named
+    return options
+
+
+def channel_axis(module: torch.nn.Module, cfg: PalettizeConfig) -> int:
+    """The axis a layer's channels are grouped along. Embeddings: palettize.embeddings.channel_axis.
+    Linear and Conv: output channels (axis 0), as coremltools does; when they do not divide by
+    group_size but the input channels do (a 1000-class head, an LM head over 50257 tokens), the
+    input channels (axis 1), which coremltools also supports, rather than leaving it uncompressed."""
+    if isinstance(module, torch.nn.Embedding):
+        return cfg.embeddings.channel_axis
+    shape = module.weight.shape
+    if cfg.granularity != "per_grouped_channel" or shape[0] % cfg.group_size == 0:
+        return 0
+    return 1 if shape[1] % cfg.group_size == 0 else 0
+
+
+def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None):
+    from coremltools.optimize.torch.palettization import (
+        PostTrainingPalettizer,
+        PostTrainingPalettizerConfig,
+        SKMPalettizer,
+        SKMPalettizerConfig,
+    )
+
+    if cfg.method == "none":
+        return model
+    if cfg.method == "uniform":
+        return uniform_palettize(model, cfg)
+    if cfg.method == "sensitive_kmeans" and sensitivity is None:
+        raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")
+    if cfg.kmeans_solver == "exact_dp":
+        return exact_palettize(model, cfg, sensitivity if cfg.method == "sensitive_kmeans" else None)
+    options = palettizer_config(cfg, model)
+    if cfg.method == "kmeans":
+        palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options))
+        return palettizer.compress(num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
+    palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(options))
+    with tempfile.TemporaryDirectory() as tmp:
+        # SKMPalettizer reads sensitivities only from a torch.save file.
+        path = Path(tmp) / "sensitivity.pt"
+        torch.save(sensitivity, path)
+        return palettizer.compress(sensitivity_path=str(path), num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
+
+
+def _grouped(weight: np.ndarray, axis: int, group: int) -> np.ndarray:
+    """(groups, values) with each group's channels along ``axis`` contiguous, as coremltools groups them."""
+    moved = np.moveaxis(weight, axis, 0)
+    return np.ascontiguousarray(moved).reshape(moved.shape[0] // group, -1)
+
+
+def _weight_groups(model: torch.nn.Module, cfg: PalettizeConfig):
+    """Per palettized layer: (name, module, axis, n_bits, group), ``group`` being the
+    weight as (groups, values) (_grouped); a layer whose channels do not divide by the
+    group size is left uncompressed, as coremltools does (check_all_palettized names it)."""
+    for name, module in palettized_layers(model, cfg):
+        embedding = isinstance(module, torch.nn.Embedding)
+        axis = channel_axis(module, cfg)
+        weight = module.weight.detach().numpy().astype(np.float32)
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
+        if weight.shape[axis] % group == 0:
+            yield name, module, axis, layer_n_bits(cfg, name, embedding), _grouped(weight, axis, group)
+
+
+def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, tables: np.ndarray) -> None:
+    """Write back a layer's palettized weight (laid out as _weight_groups gave it) and
+    register its look-up tables (groups, 2**n) as coremltools' palettizers do, in the
+    layout of the weight's axes: (groups, 1, 2**n, 1) or (1, groups, 2**n, 1) for a
+    matrix, (groups, 1, 1, 1, 2**n, 1) for a 2-D convolution."""
+    from coreml_pipeline.coreml.private import register_compression
+
+    moved_shape = np.moveaxis(module.weight.detach().numpy(), axis, 0).shape
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.moveaxis(values.reshape(moved_shape), 0, axis))))
+    table = torch.from_numpy(np.ascontiguousarray(tables))
+    layout = [1] * module.weight.ndim
+    layout[axis] = table.shape[0]
+    table = table.reshape(*layout, table.shape[1], 1)
+    register_compression(module, lut=table, compression_type=["palettization"])
+
+
+def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
+                    sensitivity: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """k-means palettization with palettize.kmeans_solver=exact_dp.
+
+    The same grouping, weighting and table layout as PostTrainingPalettizer /
+    SKMPalettizer, but every group's table is the optimal weighted 1-D k-means
+    from coreml_pipeline.kmeans (all groups of a layer at once, on
+    num_kmeans_workers threads). coremltools has no hook for its torch-side
+    k-means, so the metadata its palettizers register (look-up table,
+    compression type, metadata version) is registered here, and ct.convert
+    reads it unchanged."""
+    from coreml_pipeline.coreml.private import register_metadata_version
+    from coreml_pipeline.kmeans import cluster_groups
+
+    for name, module, axis, n_bits, groups in _weight_groups(model, cfg):
+        importance = None
+        if sensitivity is not None:
+            importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis,
+                                  module.weight.shape[axis] // groups.shape[0])  # the same grouping
+        centroids, labels = cluster_groups(groups, 2 ** n_bits, importance, threads=cfg.num_kmeans_workers)
+        lut = centroids.astype(np.float32)  # coremltools also casts its float64 centroids to the weight's dtype
+        _store_palettized(module, axis, np.take_along_axis(lut, labels, axis=1), lut)
+    register_metadata_version(model)
+    return model
+
+
+def uniform_palettize(model: torch.nn.Module, cfg: PalettizeConfig) -> torch.nn.Module:
+    """Evenly spaced look-up tables. coremltools offers uniform mode only on the
+    Core ML side (OpPalettizerConfig), so its own table function is applied
+    here to each group of the torch weights, and the metadata the converter
+    reads is registered as the torch palettizers do."""
+    from coreml_pipeline.coreml.private import uniform_lut
+
+    for _, module, axis, n_bits, groups in _weight_groups(model, cfg):
+        values, tables = np.empty_like(groups), []
+        for index, block in enumerate(groups):
+            lut, indices = uniform_lut(block, n_bits)
+            values[index] = lut[indices.astype(np.int64)].reshape(block.shape)
+            tables.append(lut)
+        _store_palettized(module, axis, values, np.stack(tables))
+    return model
+
+
+def _zero_and_kmeans(values: np.ndarray, n_bits: int, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Zero is one look-up entry; exact 1-D k-means spreads the other 2**n - 1
+    over the surviving (non-zero) weights. Returns (new values, look-up table)."""
+    from coreml_pipeline.coreml.private import kmeans1d  # the exact 1-D k-means coremltools itself uses
+
+    lut = np.zeros(2 ** n_bits, dtype=np.float32)
+    out = np.zeros_like(values)
+    alive = values != 0
+    if alive.any():
+        weights = None if importance is None else importance[alive].tolist()
+        found, clusters = kmeans1d(values[alive].tolist(), 2 ** n_bits - 1, weights=weights)
+        centroids = np.asarray(found, dtype=np.float32)
+        out[alive] = centroids[np.asarray(clusters)]
+        lut[1:1 + centroids.size] = centroids
+    return out, lut
+
+
+def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict[str, torch.Tensor],
+                      sensitivity: dict[str, torch.Tensor] | None) -> int:
+    """Sparse palettization that keeps every pruned zero.
+
+    coremltools clusters zeros together with the small surviving weights: after
+    magnitude pruning zero becomes its own centroid, but after SparseGPT about
+    40% of the pruned positions turn non-zero again. coremltools offers no
+    masked k-means with zero as a fixed entry (its masked mode needs 2**n + 1
+    entries), so pruned Linear weights are re-palettized here with the same
+    grouping and the same exact 1-D k-means, and their look-up tables replaced.
+    Returns how many weights were re-palettized.
+    """
+    from coreml_pipeline.coreml.private import register_compression
+
+    if cfg.method not in ("kmeans", "sensitive_kmeans") or cfg.enable_per_channel_scale or cfg.lut_dtype:
+        return 0  # scaled or quantized tables: keep coremltools' result (zeros_kept reports it)
+    done = 0
+    for name, module in compressible_weights(model):
+        if (not isinstance(module, torch.nn.Linear) or compression_types(module) != [PRUNING, PALETTIZATION]
+                or channel_axis(module, cfg) != 0):  # grouped along input channels: coremltools' tables stay
+            continue
+        weight = pruned[f"{name}.weight"].numpy().astype(np.float32)
+        importance = sensitivity[f"{name}.weight"].numpy() if sensitivity is not None else None
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[0]
+        new_weight = np.zeros_like(weight)
+        tables = []
+        for start in range(0, weight.shape[0], group):  # Linear groups run along output channels
+            rows = slice(start, start + group)
+            values, lut = _zero_and_kmeans(weight[rows].ravel(), layer_n_bits(cfg, name, False),
+                                           None if importance is None else importance[rows].ravel())
+            new_weight[rows] = values.reshape(weight[rows].shape)
+            tables.append(lut)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(new_weight))
+        lut = torch.from_numpy(np.stack(tables))[:, None, :, None]  # (groups, 1, 2**n, 1) as coremltools lays it out
+        register_compression(module, lut=lut)
+        done += 1
+    return done
+
+
+def check_all_palettized(model: torch.nn.Module, cfg: PalettizeConfig) -> None:
+    """coremltools silently skips a weight it cannot group; fail loudly instead."""
+    skipped = []
+    if cfg.method == "none":
+        return
+    for name, module in compressible_weights(model):
+        if isinstance(module, torch.nn.Embedding) and not cfg.embeddings.enabled:
+            continue
+        if compression_metadata(module, "lut") is None:
+            skipped.append(f"{name} {tuple(module.weight.shape)}")
+    if skipped:
+        raise ValueError(
+            f"palettize.group_size={cfg.group_size}: coremltools left {len(skipped)} weight(s) uncompressed "
+            f"(channels not divisible by the group): {', '.join(skipped[:4])}")
+
+
+def zeros_kept(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[int, int]:
+    """(pruned zeros still zero, pruned zeros) over every pruned weight."""
+    kept = total = 0
+    for name, module in compressible_weights(model):
+        if PRUNING not in compression_types(module):
+            continue
+        zero = before[f"{name}.weight"] == 0
+        total += int(zero.sum())
+        kept += int((module.weight.detach()[zero] == 0).sum())
+    return kept, total
+
+
+def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None,
+        log=None) -> torch.nn.Module:
+    """The whole stage on a model in memory: palettize, check, keep pruned zeros,
+    and round to what the package stores."""
+    log = log or runtime.log
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
+    model = palettize(model, cfg, sensitivity)  # resolves layer_bits (palettized_layers) before any k-means
+    check_all_palettized(model, cfg)
+    repalettized = keep_pruned_zeros(model, cfg, before, sensitivity)
+    if repalettized:
+        log.info("re-palettized %d pruned weights with zero as a fixed look-up entry", repalettized)
+    round_like_package(model, log)
+    warn_lost_rows(before, model, log)
+    kept, total = zeros_kept(before, model)
+    if total:
+        log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)
+    return model

@@ -1,0 +1,58 @@
+"""Pruning of torch weights: coremltools' magnitude pruner, and SparseGPT through its
+LayerwiseCompressor (or layer by layer for families without a block stack)."""
+
+from __future__ import annotations
+
+import torch
+
+from coreml_pipeline.config.schema import PruneConfig
+from coreml_pipeline.families.embedding import BERT_BLOCKS
+
+# The layers coremltools' MagnitudePruner prunes; embeddings stay dense.
+PRUNED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> torch.nn.Module:
+    from coremltools.optimize.torch.pruning import MagnitudePruner, MagnitudePrunerConfig
+
+    module_cfg = {"target_sparsity": float(cfg.target_sparsity), "block_size": cfg.block_size}
+    if cfg.n_m_ratio:
+        module_cfg["n_m_ratio"] = tuple(cfg.n_m_ratio)
+    pruner = MagnitudePruner(model, MagnitudePrunerConfig.from_dict(
+        {"module_type_configs": {kind: module_cfg for kind in PRUNED_TYPES}}))
+    pruner.prepare(inplace=True)
+    pruner.step()  # one step of the constant scheduler (begin_step 0) applies the full target
+    return pruner.finalize(inplace=True)
+
+
+
+
+def sparse_gpt_prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor],
+                     blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
+    from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
+
+    global_cfg = {"algorithm": "sparse_gpt", **sparse_gpt_options(cfg)}
+    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
+        "global_config": global_cfg,
+        "input_cacher": "gpt",  # the default cacher fails on BERT ("not enough values to unpack")
+        "layers": [blocks],
+        "calibration_nsamples": len(samples),
+    }))
+    return compressor.compress(samples, device=str(device), inplace=True).cpu()
+
+
+def sparse_gpt_options(cfg: PruneConfig) -> dict:
+    # SparseGPT would also quantize to uint8 by default; this stage only prunes.
+    options = {"target_sparsity": float(cfg.target_sparsity), "weight_dtype": "float32"}
+    if cfg.n_m_ratio:
+        options["n_m_ratio"] = tuple(cfg.n_m_ratio)
+    return options
+
+
+def prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor] | None = None,
+          blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
+    if cfg.method == "magnitude":
+        return magnitude_prune(model, cfg)
+    if cfg.method == "sparse_gpt":
+        return sparse_gpt_prune(model, cfg, samples or [], blocks, device)
+    return model

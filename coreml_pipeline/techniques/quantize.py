@@ -1,0 +1,127 @@
+"""Linear quantization and GPTQ of torch weights with coremltools.optimize.torch, and
+per-row quantization of embedding tables (which coremltools' torch quantizer skips)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from coreml_pipeline import runtime
+from coreml_pipeline.config.schema import QuantizeConfig
+from coreml_pipeline.families.embedding import BERT_BLOCKS
+from coreml_pipeline.model import QUANTIZATION, compressible_weights, compression_types
+from coreml_pipeline.techniques.precision import expand_blocks, round_like_package, warn_lost_rows
+
+SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
+
+
+def module_config(cfg: QuantizeConfig) -> dict:
+    options = {"weight_dtype": cfg.dtype, "granularity": cfg.granularity, "quantization_scheme": cfg.scheme}
+    if cfg.granularity == "per_block":
+        options["block_size"] = cfg.block_size
+    return options
+
+
+def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Module:
+    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+    quantizer = PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict(
+        {"module_type_configs": {kind: module_config(cfg) for kind in ("Linear", "Conv1d", "Conv2d", "Conv3d")}}))
+    return quantizer.compress(inplace=True)
+
+
+def gptq_quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor],
+                  blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
+    from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
+
+    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
+        "global_config": {"algorithm": "gptq", **module_config(cfg)},
+        "input_cacher": "gpt",  # the default cacher fails on BERT (see shared notes)
+        "layers": [blocks],
+        "calibration_nsamples": len(samples),
+    }))
+    return compressor.compress(samples, device=str(device), inplace=True).cpu()
+
+
+def outside_blocks(model: torch.nn.Module, cfg: QuantizeConfig) -> list[str]:
+    """LayerwiseCompressor's GPTQ covers the layers inside the block stack only; a layer outside
+    it (a causal LM's head) is quantized data-free with the same settings rather than left float16.
+    Returns their names."""
+    import re
+
+    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+    left = [name for name, module in compressible_weights(model)
+            if not isinstance(module, torch.nn.Embedding) and QUANTIZATION not in compression_types(module)]
+    if left:
+        PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict({
+            "global_config": None, "module_name_configs": {re.escape(name): module_config(cfg) for name in left}})
+        ).compress(inplace=True)
+        runtime.log.info("GPTQ covers the block stack; %d layer(s) outside it quantized data-free: %s",
+                         len(left), ", ".join(left[:4]))
+    return left
+
+
+def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
+    """Quantize every nn.Embedding table with one scale per row (per_channel),
+    per block of block_size hidden values, or per table. Returns how many."""
+    from coreml_pipeline.coreml.private import blockwise_compress, register_compression
+
+    done = 0
+    for _, module in model.named_modules():
+        if not isinstance(module, torch.nn.Embedding):
+            continue
+        weight = module.weight.detach().numpy().astype(np.float32)
+        blocks = {"per_tensor": [0, 0], "per_channel": [1, 0], "per_block": [1, cfg.block_size]}[cfg.granularity]
+        params = blockwise_compress(
+            weight, cfg.n_bits, SCHEMES[cfg.scheme], not cfg.dtype.startswith("u"), blocks)
+        if params is None:  # the hidden size does not divide by block_size
+            raise ValueError(f"quantize.block_size={cfg.block_size}: does not divide the embedding width "
+                             f"{weight.shape[1]}; allowed: a divisor of every layer's input size")
+        scale = torch.from_numpy(params.scale.astype(np.float32))
+        # An all-zero row (the padding token's) gets scale 0, which the converter
+        # would divide by; any positive scale encodes those zeros exactly.
+        scale[scale == 0] = 1.0
+        offset = None if params.offset is None else torch.from_numpy(params.offset.astype(np.float32))
+        levels = torch.from_numpy(params.data.astype(np.float32))
+        if offset is not None:
+            levels = levels - expand_blocks(offset, levels.shape)
+        dequantized = levels * expand_blocks(scale, levels.shape)
+        with torch.no_grad():
+            module.weight.copy_(dequantized)
+        register_compression(module, quantization_n_bits=cfg.n_bits, quantization_scale=scale, zero_point=offset,
+                             compression_type=["quantization"])  # appended to pruning, if any
+        done += 1
+    return done
+
+
+def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
+             blocks: str = BERT_BLOCKS, device: str = "cpu", family=None) -> torch.nn.Module:
+    """``family`` given: GPTQ layer by layer on its samples (a network without a block stack)."""
+    if cfg.method == "none":
+        return model
+    if cfg.method == "gptq" and family is not None:
+        from coreml_pipeline.techniques.layerwise import compress_each_layer
+
+        model = compress_each_layer(model, "gptq", module_config(cfg), family, samples or [], device)
+    elif cfg.method == "gptq":
+        model = gptq_quantize(model, cfg, samples or [], blocks, device)
+        outside_blocks(model, cfg)
+    else:
+        model = linear_quantize(model, cfg)
+    if cfg.embeddings:
+        quantize_embeddings(model, cfg)
+    return model
+
+
+def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
+        log=None, blocks: str = BERT_BLOCKS, device: str = "cpu", family=None) -> torch.nn.Module:
+    """The whole stage on a model in memory: quantize, then round to what the package stores."""
+    if cfg.method == "none":
+        return model
+    log = log or runtime.log
+    before = {f"{name}.weight": module.weight.detach().clone() for name, module in compressible_weights(model)}
+    model = quantize(model, cfg, samples, blocks, device, family)
+    round_like_package(model, log)
+    warn_lost_rows(before, model, log)
+    return model

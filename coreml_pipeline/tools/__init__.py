@@ -1,0 +1,1 @@
+"""Commands beside the pipeline: audit, sweep, report, mixed-bit recipes, experiments."""

@@ -1,0 +1,551 @@
+"""Mixed-bit palettization recipes: each layer gets the fewest bits the model can afford.
+
+    python -m coreml_pipeline.tools.mixed_bit --min-cosine 0.97 --max-spearman-drop 0.5 --name mixed_target
+    python -m coreml_pipeline.tools.mixed_bit --size-mb 11.6 --name mixed_11mb palettize.group_size=16
+    dvc exp run -S palettize=mixed_target
+
+In the spirit of Apple's mixed-bit palettization pre-analysis for Stable
+Diffusion (ml-stable-diffusion): measure what each layer costs at each bit
+width on its own, then walk from 8 bits everywhere towards 1 bit, each step
+lowering the layer whose next width down costs least per byte saved.
+
+1. Candidates: every palettized layer at 1, 2, 4, 6 and 8 bits with the base
+   config's granularity and group size, by k-means weighted with the
+   calibrate stage's cached sensitivity (what sensitive k-means minimises).
+2. Cost: the drop in mean cosine between the float model's embeddings and the
+   model with only that layer palettized, on held-out dev sentences (pairs
+   after the calibration ones); Apple's recipes measure output PSNR the same
+   way. The cached sensitivity is normalised per tensor by coremltools, so it
+   ranks weights within a layer but cannot compare layers; this measurement can.
+3. Pick: along a path from every layer at 8 bits to every layer at 1 bit
+   (each step lowers the layer whose next width costs least per byte saved),
+   the smallest recipe that, measured whole on more held-out pairs
+   (``--check-pairs``), keeps the mean cosine at or above ``--min-cosine``
+   and, with ``--max-spearman-drop``, STS-B Spearman within that of float; or
+   the best recipe whose estimated package is at most ``--size-mb``. A refill
+   then spends what a big step down saved (see ``refill``).
+4. Write conf/palettize/<name>.yaml: the base section plus ``layer_bits``,
+   with a header recording the inputs, the estimate and the measured cosine.
+
+The candidates here are an estimate: the palettize stage then runs
+coremltools itself on the written recipe, and evaluate scores the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from coreml_pipeline import numerics, runtime
+from coreml_pipeline.config import compose as config
+from coreml_pipeline.config.schema import PALETTE_BITS, ConfigError, PalettizeConfig
+from coreml_pipeline.families.embedding import encode, sts_spearman
+from coreml_pipeline.families.stsb import Pairs, load_pairs
+from coreml_pipeline.model import load_tokenizer, load_weights
+from coreml_pipeline.techniques.palettize import layer_n_bits, palettized_layers
+
+BITS = (1, 2, 4, 6, 8)
+WEIGHTS = Path("artifacts/finetune/weights.safetensors")  # what the palettize stage reads
+SENSITIVITY = Path("artifacts/calibrate/sensitivity.safetensors")
+COST_CACHE = Path(".cache/mixed_bit")  # git-ignored
+
+
+@dataclass
+class Layer:
+    name: str
+    numel: int
+    groups: int
+    embedding: bool
+    channels: int = 0  # along the grouping axis
+
+
+def _assign(points: np.ndarray, centroids: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Flat cluster label (group * k + entry) of every point, all groups in one searchsorted:
+    each group's values and boundaries are shifted into an interval of their own."""
+    groups, k = centroids.shape
+    bounds = ((centroids[:, 1:] + centroids[:, :-1]) / 2 + shift).ravel()
+    per_group = points.shape[1]
+    local = np.searchsorted(bounds, (points + shift).ravel()) - np.repeat(np.arange(groups) * (k - 1), per_group)
+    return local + np.repeat(np.arange(groups) * k, per_group)
+
+
+def _bin(values: np.ndarray, mass: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Each group as ``bins`` equal-width bins: the weighted mean and total mass per bin,
+    and (low, width) of the groups' ranges. Big groups (the embedding tables) then cost
+    ``bins`` per Lloyd step instead of their size."""
+    groups = values.shape[0]
+    low, high = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
+    width = np.maximum(high - low, 1e-30)
+    index = np.clip(((values - low) / width * bins).astype(np.int64), 0, bins - 1)
+    flat = (index + np.arange(groups)[:, None] * bins).ravel()
+    bin_mass = np.bincount(flat, weights=mass.ravel(), minlength=groups * bins).reshape(groups, bins)
+    bin_sum = np.bincount(flat, weights=(mass * values).ravel(), minlength=groups * bins).reshape(groups, bins)
+    centres = low + width * (np.arange(bins) + 0.5) / bins
+    means = np.where(bin_mass > 0, bin_sum / np.maximum(bin_mass, 1e-300), centres)
+    return means, bin_mass, (low, width)
+
+
+def _cube_root_starts(bin_mass: np.ndarray, low: np.ndarray, width: np.ndarray, k: int) -> np.ndarray:
+    """Starting tables at the quantiles of the cube root of each group's weighted
+    density, where an optimal quantizer puts many levels (high-resolution theory);
+    equal-count starts leave Lloyd stuck at several times the optimal error."""
+    groups, bins = bin_mass.shape
+    cdf = np.concatenate([np.zeros((groups, 1)), np.cumsum(np.cbrt(bin_mass), axis=1)], axis=1)
+    cdf /= np.maximum(cdf[:, -1:], 1e-300)
+    edges = low + width * np.arange(bins + 1) / bins
+    targets = (np.arange(k) + 0.5) / k
+    return np.stack([np.interp(targets, cdf[g], edges[g]) for g in range(groups)])
+
+
+def _lloyd(points: np.ndarray, mass: np.ndarray, centroids: np.ndarray, shift: np.ndarray,
+           iterations: int) -> np.ndarray:
+    groups, k = centroids.shape
+    for _ in range(iterations):
+        labels = _assign(points, centroids, shift)
+        total = np.bincount(labels, weights=(mass * points).ravel(), minlength=groups * k)
+        weight_sum = np.bincount(labels, weights=mass.ravel(), minlength=groups * k)
+        updated = np.where(weight_sum > 0, total / np.maximum(weight_sum, 1e-300), centroids.ravel())
+        updated = np.sort(updated.reshape(groups, k), axis=1)
+        if np.array_equal(updated, centroids):
+            break
+        centroids = updated
+    return centroids
+
+
+def grouped_kmeans(weight: np.ndarray, importance: np.ndarray | None, n_bits: int, axis: int,
+                   group: int | None, iterations: int = 60, bins: int = 4096) -> np.ndarray:
+    """Weighted 1-D k-means of every group of ``group`` channels along ``axis`` at once.
+
+    Up to 16 entries on groups of at most 4 * ``bins`` values: coremltools'
+    exact 1-D k-means, group by group. Otherwise Lloyd's algorithm vectorised
+    over the groups, from two starts: coremltools' exact k-means at 64-256
+    entries takes minutes on MiniLM, this seconds. Lloyd stops in a local
+    optimum; tests/test_mixed_bit.py bounds its error against the exact one.
+    Groups larger than 4 * ``bins`` values (the embedding tables) are clustered
+    through their bins. Returns the palettized weight, look-up
+    entries rounded to float16 as the package stores them.
+    """
+    moved = np.moveaxis(weight.astype(np.float64), axis, 0)
+    channels = moved.shape[0]
+    group = group or channels
+    values = moved.reshape(channels // group, -1)
+    groups, k = values.shape[0], 2 ** n_bits
+    mass = np.ones_like(values) if importance is None else np.moveaxis(importance.astype(np.float64), axis, 0)
+    mass = mass.reshape(values.shape) + 1e-12
+    shift = (np.arange(groups) * 4.0 * (np.ptp(values) + 1.0))[:, None]
+    if n_bits <= 4 and values.shape[1] <= 4 * bins:
+        # Few entries, small groups: coremltools' exact k-means is fast here, and Lloyd
+        # would stop up to 25% above its error (measured at 4 bits on 1536-value groups).
+        from coreml_pipeline.coreml.private import kmeans1d
+
+        centroids = np.zeros((groups, k))
+        for g in range(groups):
+            found = np.sort(np.asarray(kmeans1d(values[g].tolist(), k, weights=mass[g].tolist())[0]))
+            centroids[g, :found.size] = found
+            centroids[g, found.size:] = found[-1]  # fewer distinct values than entries
+        return _lookup(values, centroids, shift, moved.shape, axis)
+    points, point_mass = _bin(values, mass, bins)[:2] if values.shape[1] > 4 * bins else (values, mass)
+    # Two starts, the better result kept per group: the quantiles of the cube root of a smooth
+    # (about 96 values a bin) weighted density, and equal-count quantiles.
+    _, start_mass, (low, width) = _bin(values, mass, int(np.clip(values.shape[1] // 96, 32, bins)))
+    best, best_error = None, None
+    for start in (_cube_root_starts(start_mass, low, width, k),
+                  np.quantile(values, (np.arange(k) + 0.5) / k, axis=1).T):
+        centroids = _lloyd(points, point_mass, np.sort(start, axis=1), shift, iterations)
+        labels = _assign(points, centroids, shift)
+        squared = point_mass.ravel() * (points.ravel() - centroids.ravel()[labels]) ** 2
+        error = np.bincount(labels // k, weights=squared, minlength=groups)
+        if best is None:
+            best, best_error = centroids, error
+        else:
+            better = error < best_error
+            best[better], best_error[better] = centroids[better], error[better]
+    return _lookup(values, best, shift, moved.shape, axis)
+
+
+def _lookup(values: np.ndarray, centroids: np.ndarray, shift: np.ndarray, shape: tuple, axis: int) -> np.ndarray:
+    """Every value replaced by its nearest entry, entries rounded to float16 as stored."""
+    table = centroids.astype(np.float16).astype(np.float64).ravel()
+    out = table[_assign(values, centroids, shift)].reshape(shape)
+    return np.moveaxis(out, 0, axis).astype(np.float32)
+
+
+def layer_bytes(layer: Layer, n_bits: int) -> int:
+    """Packed indices plus one float16 look-up table per group."""
+    return math.ceil(layer.numel * n_bits / 8) + layer.groups * 2 ** n_bits * 2
+
+
+def greedy_path(layers: list[Layer], cost: dict[tuple[str, int], float],
+                widths: tuple[int, ...] = BITS) -> list[dict[str, int]]:
+    """Recipes from every layer at the widest of ``widths`` down to every layer at
+    the narrowest, one layer one width down per step, cheapest cost increase per
+    byte saved first."""
+    bits = {layer.name: widths[-1] for layer in layers}
+    path = [dict(bits)]
+    while True:
+        best, best_rate = None, math.inf
+        for layer in layers:
+            current = widths.index(bits[layer.name])
+            if current == 0:
+                continue
+            lower = widths[current - 1]
+            saved = layer_bytes(layer, bits[layer.name]) - layer_bytes(layer, lower)
+            rate = (cost[layer.name, lower] - cost[layer.name, bits[layer.name]]) / saved
+            if rate < best_rate:
+                best, best_rate = (layer.name, lower), rate
+        if best is None:
+            return path
+        bits[best[0]] = best[1]
+        path.append(dict(bits))
+
+
+class Analysis:
+    """The model, its candidates per layer and bits, and the measurements on held-out dev pairs."""
+
+    def __init__(self, params: dict, cfg: PalettizeConfig, weights: Path, sensitivity: Path, pairs: int,
+                 check_pairs: int, widths: tuple[int, ...], log):
+        self.widths = widths
+        model_cfg = params["model"]
+        self.log = log
+        self.model = load_weights(model_cfg, weights)
+        importance = load_file(str(sensitivity)) if cfg.method == "sensitive_kmeans" else {}
+        calibrate = params["calibrate"]
+        # Pairs after the calibration ones in the same seeded order: never seen by the sensitivity.
+        skip = calibrate.num_samples
+        loaded = load_pairs(params["data"], params["data"].calibration_file, skip + max(pairs, check_pairs),
+                            calibrate.seed)
+        self.check_pairs = Pairs(loaded.sentence1[skip:], loaded.sentence2[skip:], loaded.scores[skip:])
+        if len(self.check_pairs) < 2:
+            raise ConfigError(f"config error: {params['data'].calibration_file} has too few pairs after the "
+                              f"{skip} calibration ones to measure with")
+        self.sentences = self.check_pairs.sentence1[:pairs] + self.check_pairs.sentence2[:pairs]
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.model_cfg = model_cfg
+        self.reference = self.embed(self.sentences)
+        self.check_reference = self.embed(self.check_pairs.sentences())
+        self.float_spearman = sts_spearman(self.check_reference, self.check_pairs)
+        self.float_weights, self.candidates, self.layers = {}, {}, []
+        for name, module in palettized_layers(self.model, cfg):
+            embedding = isinstance(module, torch.nn.Embedding)
+            axis = cfg.embeddings.channel_axis if embedding else 0
+            weight = module.weight.detach().numpy().copy()
+            group = cfg.group_size if cfg.granularity == "per_grouped_channel" else None
+            if group and weight.shape[axis] % group:
+                raise ConfigError(f"config error: palettize.group_size={group} does not divide {name}'s "
+                                  f"{weight.shape[axis]} channels along axis {axis}")
+            scores = importance.get(f"{name}.weight")
+            self.float_weights[name] = module.weight.detach().clone()
+            self.layers.append(Layer(name, weight.size, weight.shape[axis] // group if group else 1, embedding,
+                                     weight.shape[axis]))
+            started = time.perf_counter()
+            for n_bits in widths:
+                self.candidates[name, n_bits] = torch.from_numpy(grouped_kmeans(
+                    weight, None if scores is None else scores.numpy(), n_bits, axis, group))
+            log.info("candidates %-45s %s bits in %.1f s", name, "/".join(map(str, widths)),
+                     time.perf_counter() - started)
+
+    def embed(self, sentences: list[str]) -> torch.Tensor:
+        return encode(self.model, self.tokenizer, sentences, self.model_cfg)
+
+    @contextmanager
+    def palettized(self, bits: dict[str, int]):
+        """The model with each named layer at its candidate for those bits, restored after."""
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for name, n_bits in bits.items():
+                modules[name].weight.copy_(self.candidates[name, n_bits])
+            try:
+                yield self.model
+            finally:
+                for name in bits:
+                    modules[name].weight.copy_(self.float_weights[name])
+
+    def cosine(self, bits: dict[str, int]) -> float:
+        """Mean cosine to the float embeddings of the cost sentences."""
+        with self.palettized(bits):
+            return float(torch.nn.functional.cosine_similarity(self.embed(self.sentences), self.reference,
+                                                               dim=-1).mean())
+
+    def check(self, bits: dict[str, int]) -> dict[str, float]:
+        """What evaluate measures, on every held-out pair: mean cosine to float and STS-B Spearman drop."""
+        with self.palettized(bits):
+            embeddings = self.embed(self.check_pairs.sentences())
+        cosine = torch.nn.functional.cosine_similarity(embeddings, self.check_reference, dim=-1).mean()
+        return {"cosine": float(cosine),
+                "spearman_drop": self.float_spearman - sts_spearman(embeddings, self.check_pairs)}
+
+    def costs(self) -> dict[tuple[str, int], float]:
+        cost = {}
+        for layer in self.layers:
+            for n_bits in self.widths:
+                cost[layer.name, n_bits] = 1.0 - self.cosine({layer.name: n_bits})
+            self.log.info("cost %-45s %s", layer.name,
+                          " ".join(f"{b}b={cost[layer.name, b]:.2e}" for b in self.widths))
+        return cost
+
+
+def refill(start: dict[str, int], layers: list[Layer], cost: dict[tuple[str, int], float],
+           widths: tuple[int, ...], budget: float, overhead: float = 0.0) -> list[dict[str, int]]:
+    """Recipes from ``start`` upwards, one layer one width up per step, largest cost
+    decrease per byte added first, while the package stays within ``budget`` bytes.
+    The downward path moves in big steps where one layer is big (the word embedding
+    is half of MiniLM); this spends what such a step saved on the layers that need it."""
+    bits, sequence = dict(start), []
+    size = sum(layer_bytes(layer, bits[layer.name]) for layer in layers) + overhead
+    while True:
+        best, best_rate = None, 0.0
+        for layer in layers:
+            current = widths.index(bits[layer.name])
+            if current == len(widths) - 1:
+                continue
+            higher = widths[current + 1]
+            added = layer_bytes(layer, higher) - layer_bytes(layer, bits[layer.name])
+            rate = (cost[layer.name, bits[layer.name]] - cost[layer.name, higher]) / added
+            if size + added <= budget and rate > best_rate:
+                best, best_rate, best_added = (layer.name, higher), rate, added
+        if best is None:
+            return sequence
+        bits[best[0]] = best[1]
+        size += best_added
+        sequence.append(dict(bits))
+
+
+def choose(path: list[dict[str, int]], measure, size_of, meets, size_mb: float | None,
+           upwards=None) -> tuple[dict[str, int], dict, dict]:
+    """The recipe to write, its measurements, and every measurement on the way
+    (keyed by the recipe as sorted (layer, bits) pairs).
+
+    ``measure(bits)`` gives the measurements of a recipe, ``meets(measurements)``
+    whether they meet the target; ``upwards(start, budget)`` the refill sequence
+    from a recipe (see refill).
+    --size-mb: the first path point within the size, then refilled up to it.
+    Else: bisection along the path for the last point meeting the target; then,
+    from the point after it, bisection along the refill sequence for the first
+    recipe meeting the target while smaller than that last point.
+    """
+    measured: dict[tuple, dict] = {}
+
+    def result(bits: dict[str, int]) -> dict:
+        key = tuple(sorted(bits.items()))
+        if key not in measured:
+            measured[key] = measure(bits)
+        return measured[key]
+
+    def first_meeting(recipes: list[dict[str, int]]) -> int | None:
+        """Index of the first recipe meeting the target, assuming they only get better."""
+        if not recipes or not meets(result(recipes[-1])):
+            return None
+        low, high = -1, len(recipes) - 1  # recipes[high] meets the target; recipes[low] is not known to
+        while high - low > 1:
+            middle = (low + high) // 2
+            if meets(result(recipes[middle])):
+                high = middle
+            else:
+                low = middle
+        return high
+
+    if size_mb is not None:
+        fits = [i for i, bits in enumerate(path) if size_of(bits) <= size_mb * 1e6]
+        if not fits:
+            raise ConfigError(f"config error: --size-mb {size_mb}: even every layer at {min(path[-1].values())} "
+                              f"bits is {size_of(path[-1]) / 1e6:.2f} MB")
+        bits = path[fits[0]]
+        filled = upwards(bits, size_mb * 1e6) if upwards else []
+        bits = filled[-1] if filled else bits
+        return bits, result(bits), measured
+
+    if not meets(result(path[0])):
+        raise ConfigError(f"config error: every layer at {max(path[0].values())} bits already misses the target: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in result(path[0]).items()))
+    last = len(path) - 1 - first_meeting(path[::-1])  # the path gets worse: search it reversed
+    bits = path[last]
+    if upwards and last + 1 < len(path):
+        candidates = upwards(path[last + 1], size_of(path[last]) - 1)
+        found = first_meeting(candidates)
+        if found is not None:
+            bits = candidates[found]
+    return bits, result(bits), measured
+
+
+def file_md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def recipe_text(base: PalettizeConfig, bits: dict[str, int], header: list[str], tables: set[str]) -> str:
+    """The palettize section to write; ``tables``: the embedding layers' names."""
+    section = {"method": base.method, **asdict(base)}  # method first, as in the other conf/palettize files
+    linear = [b for name, b in bits.items() if name not in tables] or list(bits.values())
+    section["n_bits"] = max(set(linear), key=linear.count)  # the fallback; every layer is named below
+    section["layer_bits"] = dict(bits)
+    body = yaml.safe_dump(section, sort_keys=False, width=120)
+    return "".join(f"# {line}\n" for line in header) + body
+
+
+def package_overhead(layers: list[Layer], params: dict, metrics_path: Path) -> float | None:
+    """Bytes of the package that are not palettized weights (norms, biases, the program,
+    per-op metadata). From the last evaluate run: its package minus this estimate of its
+    own palettized weights, when its recipe is plain palettization; else the float16
+    package minus the float16 weights. None when there is no evaluate run."""
+    if not metrics_path.is_file():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    palettize: PalettizeConfig = params["palettize"]
+    plain = (palettize.method in ("kmeans", "sensitive_kmeans", "uniform") and palettize.cluster_dim == 1
+             and not palettize.lut_dtype and params["quantize"].method == "none"
+             and params["prune"].method == "none" and params["finetune"].method == "none")
+    if plain and "package_bytes" in metrics:
+        group = palettize.group_size if palettize.granularity == "per_grouped_channel" else None
+        own = sum(layer_bytes(replace(layer, groups=layer.channels // group if group else 1),
+                              layer_n_bits(palettize, layer.name, layer.embedding)) for layer in layers)
+        return metrics["package_bytes"] - own
+    if "float16_package_bytes" in metrics:
+        return metrics["float16_package_bytes"] - 2 * sum(layer.numel for layer in layers)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    goal = parser.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--min-cosine", type=float, help="smallest recipe whose mean cosine to float is at least this")
+    goal.add_argument("--size-mb", type=float, help="best recipe whose estimated package is at most this many MB")
+    parser.add_argument("--max-spearman-drop", type=float, default=None,
+                        help="with --min-cosine: STS-B Spearman may also fall at most this far below float")
+    parser.add_argument("--name", required=True, help="writes conf/palettize/<name>.yaml")
+    parser.add_argument("--pairs", type=int, default=64, help="held-out dev pairs for the per-layer costs")
+    parser.add_argument("--check-pairs", type=int, default=512,
+                        help="held-out dev pairs on which whole recipes are measured (cosine and Spearman)")
+    parser.add_argument("--weights", default=str(WEIGHTS))
+    parser.add_argument("--sensitivity", default=str(SENSITIVITY))
+    parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), help="the widths to choose from")
+    parser.add_argument("--params", default=str(config.PARAMS))
+    parser.add_argument("--metrics", default="metrics/evaluate.json", help="the last evaluate run, for sizes")
+    parser.add_argument("--report", default="reports/mixed_bit", help="folder for <name>.json (costs and path)")
+    parser.add_argument("overrides", nargs="*", help="changes to params.yaml's palettize section as the base, "
+                        "e.g. palettize.group_size=16")
+    args = parser.parse_args(argv)
+    log = runtime.setup("mixed_bit")
+
+    if args.min_cosine is not None and not 0 < args.min_cosine <= 1:
+        raise ConfigError(f"config error: --min-cosine={args.min_cosine}; allowed: (0, 1]")
+    if args.size_mb is not None and args.size_mb <= 0:
+        raise ConfigError(f"config error: --size-mb={args.size_mb}; allowed: a number > 0")
+    if args.max_spearman_drop is not None and args.min_cosine is None:
+        raise ConfigError("config error: --max-spearman-drop; allowed only with --min-cosine")
+    for key in ("pairs", "check_pairs"):
+        if getattr(args, key) < 2:
+            raise ConfigError(f"config error: --{key.replace('_', '-')}={getattr(args, key)}; allowed: 2 or more")
+    bad = [o for o in args.overrides if not o.startswith("palettize.")]
+    if bad:
+        raise ConfigError(f"config error: override {bad[0]!r}; allowed: palettize.<key>=<value> only (the cached "
+                          "weights and sensitivity belong to params.yaml's other sections)")
+    # The base is params.yaml's palettize section (the one the cached artifacts sit beside) plus the overrides.
+    raw = config.read_params(args.params)
+    current = config.validate(raw)
+    # The same CPU code paths as the stages whose cached outputs it reads (before any torch operation).
+    numerics.apply(current["runtime"].numerics, current["runtime"].threads)
+    if current["model"].family != "sentence_embedding":
+        raise ConfigError(f"config error: model.family={current['model'].family!r} is not allowed for "
+                          "coreml_pipeline.tools.mixed_bit; allowed: sentence_embedding (it scores candidate recipes on STS-B); "
+                          "set palettize.layer_bits by hand for other families")
+    merged = OmegaConf.merge(OmegaConf.create({"palettize": raw.get("palettize", {})}),
+                             OmegaConf.from_dotlist(args.overrides))
+    composed = config.validate({**raw, "palettize": OmegaConf.to_container(merged)["palettize"]})
+    widths = tuple(sorted(set(args.bits)))
+    if len(widths) < 2 or any(b not in PALETTE_BITS for b in widths):
+        raise ConfigError(f"config error: --bits {args.bits}; allowed: two or more of {PALETTE_BITS}")
+    base: PalettizeConfig = composed["palettize"]
+    if base.method not in ("kmeans", "sensitive_kmeans") or base.cluster_dim > 1:
+        raise ConfigError(f"config error: palettize.method={base.method}, cluster_dim={base.cluster_dim}; "
+                          "allowed as a base: kmeans or sensitive_kmeans with cluster_dim 1")
+    for path in (Path(args.weights), Path(args.sensitivity)):
+        if not path.is_file():
+            raise ConfigError(f"config error: {path} does not exist; run `dvc repro calibrate` first")
+
+    started = time.perf_counter()
+    analysis = Analysis(composed, base, Path(args.weights), Path(args.sensitivity), args.pairs, args.check_pairs,
+                        widths, log)
+    # The per-layer costs take most of the time (one forward pass per layer and width);
+    # a second goal over the same inputs and base reuses them.
+    weights_md5, sensitivity_md5 = file_md5(Path(args.weights)), file_md5(Path(args.sensitivity))
+    key_parts = [weights_md5, sensitivity_md5, widths, args.pairs,
+                 {name: repr(composed[name]) for name in ("model", "data", "calibrate")},
+                 {k: v for k, v in asdict(base).items() if k not in ("n_bits", "layer_bits", "num_kmeans_workers", "kmeans_solver")}]
+    cache = COST_CACHE / f"{hashlib.md5(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()}.json"
+    if cache.is_file():
+        cost = {(name, int(b)): c for name, b, c in json.loads(cache.read_text())}
+        log.info("per-layer costs from %s", cache)
+    else:
+        cost = analysis.costs()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps([[name, b, c] for (name, b), c in cost.items()]))
+    path = greedy_path(analysis.layers, cost, widths)
+    overhead = package_overhead(analysis.layers, current, Path(args.metrics))
+    if args.size_mb is not None and overhead is None:
+        raise ConfigError(f"config error: --size-mb needs {args.metrics} from a `dvc repro` to estimate package sizes")
+    layers = {layer.name: layer for layer in analysis.layers}
+
+    def size_of(bits: dict[str, int]) -> float:
+        return sum(layer_bytes(layers[name], b) for name, b in bits.items()) + (overhead or 0.0)
+
+    def upwards(start: dict[str, int], budget: float) -> list[dict[str, int]]:
+        return refill(start, analysis.layers, cost, widths, budget, overhead or 0.0)
+
+    def meets(result: dict) -> bool:
+        return result["cosine"] >= args.min_cosine and (
+            args.max_spearman_drop is None or result["spearman_drop"] <= args.max_spearman_drop)
+
+    bits, result, measured = choose(path, analysis.check, size_of, meets, args.size_mb, upwards)
+    weights_mb = sum(layer_bytes(layers[n], b) for n, b in bits.items()) / 1e6
+    mean_bits = sum(layers[n].numel * b for n, b in bits.items()) / sum(layer.numel for layer in analysis.layers)
+    histogram = {b: sum(1 for v in bits.values() if v == b) for b in widths}
+    if args.size_mb is not None:
+        goal_text = f"--size-mb {args.size_mb}"
+    else:
+        goal_text = f"--min-cosine {args.min_cosine}" + (
+            f" --max-spearman-drop {args.max_spearman_drop}" if args.max_spearman_drop is not None else "")
+    header = [
+        f"Mixed-bit recipe written by `python -m coreml_pipeline.tools.mixed_bit {goal_text} --name {args.name}"
+        + "".join(f" {o}" for o in args.overrides) + "`.",
+        f"Inputs: {args.weights} md5 {weights_md5}, {args.sensitivity} md5 {sensitivity_md5}; held-out dev "
+        f"pairs: {len(analysis.sentences) // 2} for the per-layer costs, {len(analysis.check_pairs)} for whole "
+        "recipes.",
+        f"Estimate: {mean_bits:.2f} bits per weight on average, palettized weights {weights_mb:.2f} MB"
+        + (f", package about {size_of(bits) / 1e6:.2f} MB" if overhead is not None else "")
+        + f"; layers per width {', '.join(f'{b}-bit: {n}' for b, n in histogram.items() if n)}.",
+        f"Measured by the generator (its own k-means, dev pairs): mean cosine {result['cosine']:.4f}, "
+        f"STS-B Spearman {result['spearman_drop']:.2f} below float.",
+        f"Run it: dvc exp run -S palettize={args.name}",
+    ]
+    out = config.CONF_DIR / "palettize" / f"{args.name}.yaml"
+    tables = {layer.name for layer in analysis.layers if layer.embedding}
+    out.write_text(recipe_text(base, bits, header, tables), encoding="utf-8")
+    report = Path(args.report) / f"{args.name}.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({
+        "goal": goal_text, "overrides": args.overrides, "bits": widths, **result,
+        "estimated_package_mb": size_of(bits) / 1e6 if overhead is not None else None,
+        "mean_bits": mean_bits,
+        "measured": [{"package_mb": size_of(dict(key)) / 1e6, **value} for key, value in measured.items()],
+        "cost": {f"{name}@{b}": c for (name, b), c in cost.items()},
+        "path_sizes_mb": [size_of(p) / 1e6 for p in path], "layer_bits": bits,
+        "seconds": round(time.perf_counter() - started, 1),
+    }, indent=1), encoding="utf-8")
+    for line in header:
+        print(line)
+    print(f"wrote {out} and {report}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(runtime.run_cli(main))
