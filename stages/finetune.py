@@ -31,6 +31,7 @@ from coreml_pipeline.config.schema import FinetuneConfig
 from coreml_pipeline.families.base import to_device, torch_device
 from coreml_pipeline.families.stsb import load_pairs
 from coreml_pipeline.model import load_tokenizer, load_weights, save_weights
+from coreml_pipeline.techniques import registry
 from coreml_pipeline.techniques.finetune import batches, train
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     log = runtime.setup("finetune", cfg.seed, params["runtime"])
 
     out = Path(args.out)
+    registry.method("finetune", cfg)  # its own checks, before any data or weights load
     if cfg.method == "none":
         runtime.pass_through(args.weights, out)
         log.info("finetune.method is none: %s passes through", args.weights)

@@ -21,6 +21,7 @@ from coreml_pipeline import runtime
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import PalettizeConfig
 from coreml_pipeline.model import load_weights, save_weights
+from coreml_pipeline.techniques import registry
 from coreml_pipeline.techniques.palettize import run
 
 
@@ -34,9 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     params = config.load(("model", "palettize", "runtime"), args.params)
     cfg: PalettizeConfig = params["palettize"]
     log = runtime.setup("palettize", numerics=params["runtime"])
+    method = registry.method("palettize", cfg)  # its own checks, before the weights load
 
     model = load_weights(params["model"], args.weights)
-    sensitivity = load_file(args.sensitivity) if cfg.method == "sensitive_kmeans" else None
+    sensitivity = load_file(args.sensitivity) if method.needs_sensitivity else None
     mixed = f" ({len(cfg.layer_bits)} layer_bits patterns)" if cfg.layer_bits else ""
     with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits}{mixed} {cfg.granularity}"):
         model = run(model, cfg, sensitivity, log)

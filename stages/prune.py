@@ -17,7 +17,8 @@ from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import PruneConfig
 from coreml_pipeline.families.base import torch_device
 from coreml_pipeline.model import save_weights
-from coreml_pipeline.techniques.prune import prune, sparse_gpt_options
+from coreml_pipeline.techniques import registry
+from coreml_pipeline.techniques.methods import prune as _registers_prune_methods  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     params = config.load(("model", "data", "prune", "runtime"), args.params)
     cfg: PruneConfig = params["prune"]
     log = runtime.setup("prune", numerics=params["runtime"])
+    method = registry.method("prune", cfg)  # its own checks, before the model loads
 
     # The first stage that loads the model: a network that cannot be compressed or
     # traced is refused here, before any compression work.
@@ -37,16 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     family.check_traceable(model, seq_len=8)
     device = torch_device(params["model"])
     with runtime.timed(log, f"prune method={cfg.method}"):
-        if cfg.method == "sparse_gpt" and not family.block_stack:
-            from coreml_pipeline.techniques.layerwise import compress_each_layer
-
-            model = compress_each_layer(model, "sparse_gpt", sparse_gpt_options(cfg), family,
-                                        family.calibration_samples(cfg.num_samples, 0), device)
-        elif cfg.method == "sparse_gpt":
-            model = prune(model, cfg, family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model),
-                          device)
-        else:
-            model = prune(model, cfg)
+        model = method.apply(model, cfg, family=family, device=device)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)
 

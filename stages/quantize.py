@@ -19,8 +19,8 @@ from coreml_pipeline import families, runtime
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import QuantizeConfig
 from coreml_pipeline.families.base import torch_device
-from coreml_pipeline.families.embedding import BERT_BLOCKS
 from coreml_pipeline.model import load_weights, save_weights
+from coreml_pipeline.techniques import registry
 from coreml_pipeline.techniques.quantize import run
 
 
@@ -33,22 +33,17 @@ def main(argv: list[str] | None = None) -> None:
     params = config.load(("model", "data", "quantize", "runtime"), args.params)
     cfg: QuantizeConfig = params["quantize"]
     log = runtime.setup("quantize", numerics=params["runtime"])
+    registry.method("quantize", cfg)  # its own checks, before the weights load
 
     if cfg.method == "none":
         runtime.pass_through(args.weights, args.out)
         log.info("quantize.method is none: %s passes through", args.weights)
         return
     model = load_weights(params["model"], args.weights)
-    samples, blocks = None, BERT_BLOCKS
     device = torch_device(params["model"])
     family = families.get(params["model"], params["data"])
-    each_layer = cfg.method == "gptq" and not family.block_stack
-    if each_layer:  # no block stack: coremltools' GPTQ layer by layer (coreml_pipeline/techniques/layerwise.py)
-        samples = family.calibration_samples(cfg.num_samples, 0)
-    elif cfg.method == "gptq":
-        samples, blocks = family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model)
     with runtime.timed(log, f"quantize method={cfg.method} {cfg.dtype} {cfg.scheme} {cfg.granularity}"):
-        model = run(model, cfg, samples, log, blocks, device, family if each_layer else None)
+        model = run(model, cfg, log=log, device=device, family=family)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)
 

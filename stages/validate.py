@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from coreml_pipeline import numerics
+from coreml_pipeline import numerics, validation
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.runtime import run_cli
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=str(config.PARAMS))
     parser.add_argument("--out", required=True, help="marker file, constant content")
     args = parser.parse_args(argv)
-    checked = config.validate(config.read_params(args.params))
+    checked = validation.validate(config.read_params(args.params))
     numerics.check_host(checked["runtime"].numerics)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

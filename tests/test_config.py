@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from coreml_pipeline.config import compose as config
-from coreml_pipeline.config.schema import ConfigError, validate
+from coreml_pipeline.config.schema import ConfigError
+from coreml_pipeline.validation import validate
 
 
 def test_params_yaml_is_the_composition_of_conf():

@@ -13,11 +13,11 @@ from coreml_pipeline.config.schema import (
     PalettizeConfig,
     PruneConfig,
     QuantizeConfig,
-    check_combination,
 )
 from coreml_pipeline.coreml import convert
 from coreml_pipeline.coreml.compress import compress, load_decoded, plan
 from coreml_pipeline.model import compressible_weights
+from coreml_pipeline.validation import check_combination
 
 NONE_PAL = PalettizeConfig(method="none")
 RECIPES = {

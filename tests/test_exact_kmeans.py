@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from coreml_pipeline.config.schema import ConfigError, PalettizeConfig, validate
+from coreml_pipeline.config.schema import ConfigError, PalettizeConfig
 from coreml_pipeline.kmeans import cluster_groups, weighted_error
 from coreml_pipeline.techniques import palettize
+from coreml_pipeline.validation import validate
 
 
 def kmeans1d_error(values: np.ndarray, k: int, weights: np.ndarray | None) -> float:

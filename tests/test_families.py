@@ -142,7 +142,8 @@ def _params(tmp_path, overrides):
 
 
 def test_missing_model_path_names_the_key(tmp_path):
-    from coreml_pipeline.config.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError
+    from coreml_pipeline.validation import validate
 
     params = _params(tmp_path, ["model=causal_lm", f"model.source={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match=r"model\.source=.*nope.*must exist"):
@@ -154,7 +155,8 @@ def test_missing_model_path_names_the_key(tmp_path):
     ("model.module._target_=no_such_package.Net", r"model\.module\._target_=.*cannot be imported"),
 ])
 def test_bad_custom_import_path_names_the_key(tmp_path, override, message):
-    from coreml_pipeline.config.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError
+    from coreml_pipeline.validation import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(_params(tmp_path, ["model=custom", override]))
@@ -182,7 +184,8 @@ def test_bad_custom_module_fails_in_the_first_stage(tmp_path, monkeypatch, targe
 
 
 def test_family_data_mismatch_names_the_key(tmp_path):
-    from coreml_pipeline.config.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError
+    from coreml_pipeline.validation import validate
 
     (tmp_path / "lm").mkdir()
     (tmp_path / "lm" / "config.json").write_text("{}")
@@ -195,7 +198,8 @@ def test_family_data_mismatch_names_the_key(tmp_path):
      r"finetune\.method='qat' is not allowed; allowed with model\.family=custom: none"),
 ])
 def test_family_refusals_name_the_key(tmp_path, overrides, message):
-    from coreml_pipeline.config.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError
+    from coreml_pipeline.validation import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(_params(tmp_path, overrides))
@@ -204,8 +208,9 @@ def test_family_refusals_name_the_key(tmp_path, overrides, message):
 def test_device_defaults_to_what_is_available(tmp_path):
     import torch
 
-    from coreml_pipeline.config.schema import ConfigError, validate
+    from coreml_pipeline.config.schema import ConfigError
     from coreml_pipeline.families.base import torch_device
+    from coreml_pipeline.validation import validate
 
     model = validate(_params(tmp_path, []))["model"]
     assert model.device == "auto"

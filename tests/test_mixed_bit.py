@@ -8,13 +8,14 @@ import pytest
 import torch
 from test_compression import pair_batches, token_batches
 
-from coreml_pipeline.config.schema import ConfigError, PalettizeConfig, PruneConfig, validate
+from coreml_pipeline.config.schema import ConfigError, PalettizeConfig, PruneConfig
 from coreml_pipeline.families.embedding import cosine_loss
 from coreml_pipeline.model import COREML_PREFIX, compressible_weights
 from coreml_pipeline.techniques.calibrate import sensitivity
 from coreml_pipeline.techniques.palettize import keep_pruned_zeros, layer_n_bits, palettize, run, zeros_kept
 from coreml_pipeline.techniques.prune import prune
 from coreml_pipeline.tools import mixed_bit
+from coreml_pipeline.validation import validate
 
 MIXED = {
     r"encoder\.layer\.0\..*": 1,  # a pattern for a whole block
@@ -166,8 +167,9 @@ def test_refill_spends_a_big_step_down_on_the_layers_that_need_it():
 
 
 def test_mixed_bits_refuse_dkm_and_the_core_ml_side():
-    from coreml_pipeline.config.schema import CoremlConfig, FinetuneConfig, QuantizeConfig, check_combination
+    from coreml_pipeline.config.schema import CoremlConfig, FinetuneConfig, QuantizeConfig
     from coreml_pipeline.config.schema import PruneConfig as Prune
+    from coreml_pipeline.validation import check_combination
 
     mixed = PalettizeConfig(method="kmeans", layer_bits={"encoder.*": 2})
     with pytest.raises(ConfigError, match="finetune.method='dkm'.*layer_bits"):

@@ -10,8 +10,9 @@ import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from coreml_pipeline.config.schema import SECTIONS, ConfigError, validate
+from coreml_pipeline.config.schema import SECTIONS, ConfigError
 from coreml_pipeline.tools import report, sweep
+from coreml_pipeline.validation import validate
 
 
 def metrics(mb: float, sts: float, cosine: float, meets: bool) -> dict:

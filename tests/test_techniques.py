@@ -21,7 +21,6 @@ from coreml_pipeline.config.schema import (
     PalettizeConfig,
     PruneConfig,
     QuantizeConfig,
-    check_combination,
 )
 from coreml_pipeline.coreml import convert
 from coreml_pipeline.families.embedding import cosine_loss
@@ -29,6 +28,7 @@ from coreml_pipeline.model import compressible_weights
 from coreml_pipeline.techniques import palettize, quantize
 from coreml_pipeline.techniques.calibrate import sensitivity
 from coreml_pipeline.techniques.prune import prune
+from coreml_pipeline.validation import check_combination
 
 LUT, SPARSE, SCALE = "constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_blockwise_shift_scale"
 LUT_SPARSE, SPARSE_SCALE = "constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale"

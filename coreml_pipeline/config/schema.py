@@ -21,14 +21,10 @@ PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 # none: weights pass through (e.g. for linear quantization instead).
 # uniform: evenly spaced look-up table between each group's min and max (coremltools' "uniform" mode).
-PALETTIZE_METHODS = ("none", "kmeans", "sensitive_kmeans", "uniform")
 KMEANS_SOLVERS = ("coremltools", "exact_dp")
-QUANTIZE_METHODS = ("none", "linear", "gptq")
-FINETUNE_METHODS = ("none", "dkm", "qat", "gradual_prune")
 QUANTIZE_DTYPES = ("int8", "uint8", "int4", "uint4")
 QUANTIZE_SCHEMES = ("symmetric", "affine")
 QUANTIZE_GRANULARITIES = ("per_tensor", "per_channel", "per_block")
-PRUNE_METHODS = ("none", "magnitude", "sparse_gpt")
 LUT_DTYPES = (None, "int8", "uint8")
 DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
 POOLINGS = ("mean",)
@@ -206,6 +202,7 @@ class DataConfig:
 
 @dataclass
 class PruneConfig:
+    # A method registered in techniques/prune.py, which also holds its rules on the options below.
     method: str = "none"
     target_sparsity: float = 0.0
     # [n, m]: zero the n smallest of every m weights (n:m sparsity); target_sparsity is then ignored.
@@ -216,7 +213,6 @@ class PruneConfig:
     num_samples: int = 64
 
     def check(self, prefix: str = "prune") -> None:
-        _check_choice(f"{prefix}.method", self.method, PRUNE_METHODS)
         _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
         if self.n_m_ratio is not None:
             ratio = list(self.n_m_ratio)
@@ -224,12 +220,6 @@ class PruneConfig:
                 fail(f"{prefix}.n_m_ratio", ratio, "allowed: null or [n, m] with 0 < n < m")
         _check_positive_int(f"{prefix}.num_samples", self.num_samples)
         _check_positive_int(f"{prefix}.block_size", self.block_size)
-        if self.block_size > 1 and (self.method != "magnitude" or self.n_m_ratio):
-            fail(f"{prefix}.block_size", self.block_size, "allowed: 1, unless method=magnitude without n_m_ratio")
-        if self.method == "none" and (self.target_sparsity > 0 or self.n_m_ratio):
-            fail(f"{prefix}.method", self.method, "target_sparsity and n_m_ratio need method magnitude or sparse_gpt")
-        if self.method != "none" and self.target_sparsity == 0 and not self.n_m_ratio:
-            fail(f"{prefix}.target_sparsity", self.target_sparsity, f"allowed: (0, 1) when method={self.method}")
 
 
 @dataclass
@@ -284,6 +274,7 @@ class EmbeddingPaletteConfig:
 
 @dataclass
 class PalettizeConfig(TensorPaletteConfig):
+    # A method registered in techniques/palettize.py, which also holds its rules on these options.
     method: str = "sensitive_kmeans"
     embeddings: EmbeddingPaletteConfig = field(default_factory=EmbeddingPaletteConfig)
     # coremltools k-means worker processes (one per core here).
@@ -302,7 +293,6 @@ class PalettizeConfig(TensorPaletteConfig):
         self.layer_bits = dict(self.layer_bits or {})
 
     def check(self, prefix: str = "palettize") -> None:
-        _check_choice(f"{prefix}.method", self.method, PALETTIZE_METHODS)
         TensorPaletteConfig.check(self, prefix)
         self.embeddings.check(f"{prefix}.embeddings")
         _check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
@@ -312,23 +302,7 @@ class PalettizeConfig(TensorPaletteConfig):
             except re.error as exc:
                 fail(f"{prefix}.layer_bits", pattern, f"allowed: a regular expression over layer names ({exc})")
             _check_choice(f"{prefix}.layer_bits.{pattern}", bits, PALETTE_BITS)
-        if self.layer_bits and self.method == "none":
-            fail(f"{prefix}.layer_bits", dict(self.layer_bits), "allowed: {} with method=none")
-        if self.method == "uniform" and (self.cluster_dim > 1 or self.enable_per_channel_scale or self.lut_dtype):
-            fail(f"{prefix}.method", self.method,
-                 "uniform look-up tables take no cluster_dim, enable_per_channel_scale or lut_dtype (coremltools)")
         _check_choice(f"{prefix}.kmeans_solver", self.kmeans_solver, KMEANS_SOLVERS)
-        if self.kmeans_solver == "exact_dp":
-            if self.method not in ("kmeans", "sensitive_kmeans"):
-                fail(f"{prefix}.kmeans_solver", self.kmeans_solver,
-                     f"allowed with method=kmeans or sensitive_kmeans (got method={self.method}): coremltools")
-            for key, value, default in (("cluster_dim", self.cluster_dim, 1), ("lut_dtype", self.lut_dtype, None),
-                                        ("enable_per_channel_scale", self.enable_per_channel_scale, False)):
-                if value != default:
-                    fail(f"{prefix}.kmeans_solver", self.kmeans_solver,
-                         f"allowed with {prefix}.{key}={default} only (got {value}): use kmeans_solver=coremltools")
-        if self.cluster_dim > 1 and self.method == "sensitive_kmeans":
-            fail(f"{prefix}.cluster_dim", self.cluster_dim, "allowed: 1 with method=sensitive_kmeans; use kmeans")
 
 
 @dataclass
@@ -340,6 +314,7 @@ class QuantizeConfig:
     look-up table is quantized instead (palettize.lut_dtype).
     """
 
+    # A method registered in techniques/quantize.py, which also holds its rules on these options.
     method: str = "none"
     dtype: str = "int8"
     scheme: str = "symmetric"
@@ -352,7 +327,6 @@ class QuantizeConfig:
     num_samples: int = 64
 
     def check(self, prefix: str = "quantize") -> None:
-        _check_choice(f"{prefix}.method", self.method, QUANTIZE_METHODS)
         _check_choice(f"{prefix}.dtype", self.dtype, QUANTIZE_DTYPES)
         _check_choice(f"{prefix}.scheme", self.scheme, QUANTIZE_SCHEMES)
         _check_choice(f"{prefix}.granularity", self.granularity, QUANTIZE_GRANULARITIES)
@@ -361,10 +335,6 @@ class QuantizeConfig:
         elif self.block_size is not None:
             fail(f"{prefix}.block_size", self.block_size, "allowed: null unless granularity=per_block")
         _check_positive_int(f"{prefix}.num_samples", self.num_samples)
-        if self.method == "gptq" and not self.dtype.startswith("u"):
-            fail(f"{prefix}.dtype", self.dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
-        if self.method == "gptq" and self.granularity == "per_tensor":
-            fail(f"{prefix}.granularity", self.granularity, "allowed with method=gptq: per_channel, per_block")
 
     @property
     def n_bits(self) -> int:
@@ -386,6 +356,7 @@ class FinetuneConfig:
     and not when a setting it does not use changes.
     """
 
+    # A method registered in techniques/finetune.py, which also holds its rules across sections.
     method: str = "none"
     steps: int = 200
     batch_size: int = 16
@@ -399,7 +370,6 @@ class FinetuneConfig:
     quantize: Optional[QuantizeConfig] = None
 
     def check(self, prefix: str = "finetune") -> None:
-        _check_choice(f"{prefix}.method", self.method, FINETUNE_METHODS)
         for key in ("steps", "batch_size", "log_every"):
             _check_positive_int(f"{prefix}.{key}", getattr(self, key))
         if not 0 < self.learning_rate < 1:
@@ -568,34 +538,12 @@ def check_family(sections: dict[str, Any]) -> None:
 
 
 def check_combination(sections: dict[str, Any]) -> None:
-    """Joint compressions coremltools cannot build, refused before any work.
-
-    Supported: pruning + palettization (sparse palettization), pruning + linear
-    quantization (sparse quantization), palettization + quantized look-up table.
-    """
-    prune, palettize, quantize = (sections.get(name) for name in ("prune", "palettize", "quantize"))
-    finetune = sections.get("finetune")
-    method = finetune.method if finetune is not None else "none"
+    """Rules across sections that no compression method owns: the family's data and the Core ML
+    side's copy of the recipe. Each method's own rules and the joint compressions it refuses live
+    with the method (coreml_pipeline/techniques/registry.py; coreml_pipeline/validation.py runs both)."""
     check_family(sections)
-    if method == "dkm" and palettize is not None and palettize.method != "kmeans":
-        fail("finetune.method", method, f"needs palettize.method=kmeans to store the learned tables "
-             f"(got {palettize.method})")
-    if method == "qat" and quantize is not None and quantize.method != "linear":
-        fail("finetune.method", method, f"needs quantize.method=linear to store the trained weights "
-             f"(got {quantize.method})")
-    for key, own in (("palettize", palettize), ("quantize", quantize)):
-        target = getattr(finetune, key, None) if finetune is not None else None
-        if (method, key) in (("dkm", "palettize"), ("qat", "quantize")) and own is not None and target != own:
-            fail(f"finetune.{key}", "(differs)", f"finetune.method={method} trains against the {key} section; "
-                 f"finetune.{key} must equal it (conf/finetune/{method}.yaml interpolates ${{{key}}})")
+    palettize = sections.get("palettize")
     mixed = palettize is not None and bool(palettize.layer_bits)
-    if method == "dkm" and mixed:
-        fail("finetune.method", method, "allowed with palettize.layer_bits={} only (DKM trains one bit width)")
-    if method == "dkm" and palettize is not None and palettize.kmeans_solver != "coremltools":
-        fail("palettize.kmeans_solver", palettize.kmeans_solver,
-             "allowed with finetune.method=dkm: coremltools (DKM learns its own tables)")
-    if method == "gradual_prune" and prune is not None and prune.method != "none":
-        fail("finetune.method", method, f"prunes while training; set prune.method=none (got {prune.method})")
     coreml = sections.get("coreml")
     if mixed and coreml is not None and coreml.enabled:
         fail("coreml.enabled", True, "allowed: false with palettize.layer_bits (the Core ML side configures "
@@ -606,23 +554,3 @@ def check_combination(sections: dict[str, Any]) -> None:
             if own is not None and getattr(coreml, key) != own:
                 fail(f"coreml.{key}", "(differs)", f"the Core ML side applies the same recipe; coreml.{key} must "
                      f"equal the {key} section (conf/coreml/compare.yaml interpolates ${{{key}}})")
-    pruned = (prune is not None and prune.method != "none") or method == "gradual_prune"
-    source = f"prune.method={prune.method}" if prune is not None and prune.method != "none" else f"finetune.method={method}"
-    if palettize is not None and quantize is not None and palettize.method != "none" and quantize.method != "none":
-        fail("quantize.method", quantize.method,
-             f"palettize.method={palettize.method} already compresses every weight; quantize its look-up table "
-             "with palettize.lut_dtype=int8, or set palettize=none for linear quantization")
-    if pruned and palettize is not None and palettize.method == "uniform":
-        fail("palettize.method", "uniform", f"with {source}: a uniform table has no zero entry, "
-             "pruned zeros would be lost; use kmeans or sensitive_kmeans")
-    if pruned and palettize is not None and palettize.method != "none" and palettize.cluster_dim > 1:
-        fail("palettize.cluster_dim", palettize.cluster_dim,
-             f"allowed: 1 with {source} (coremltools has no sparse vector palettization)")
-    if pruned and palettize is not None and palettize.method != "none" and palettize.lut_dtype:
-        # ct.convert 9.0 fails on pruning + palettization + quantized table ("weight should have same rank as scale").
-        fail("palettize.lut_dtype", palettize.lut_dtype,
-             f"allowed: null with {source} (coremltools cannot convert sparse palettization "
-             "with a quantized look-up table)")
-    if pruned and quantize is not None and quantize.method == "gptq":
-        fail("quantize.method", "gptq", f"with {source}: GPTQ updates every weight and refills "
-             "pruned zeros; use quantize.method=linear for sparse quantization")

@@ -135,8 +135,10 @@ class SentenceEncoder(torch.nn.Module):
         return pool(hidden, attention_mask, self.normalize)
 
 
-def tokenize(tokenizer, sentences: list[str], max_length: int, padding="longest"):
-    return tokenizer(sentences, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+def tokenize(tokenizer, sentences: str | list[str], max_length: int, padding: str = "longest", tensors: str = "pt"):
+    """The embedder's one tokenizing path: truncated to ``max_length``, padded as asked (a single
+    sentence is never padded by "longest"), as torch ("pt") or numpy ("np") arrays."""
+    return tokenizer(sentences, padding=padding, truncation=True, max_length=max_length, return_tensors=tensors)
 
 
 @torch.no_grad()
@@ -156,8 +158,8 @@ def pair_batches(pairs: Pairs, tokenizer, max_length: int) -> list[dict[str, tor
     batches = []
     for s1, s2, score in zip(pairs.sentence1, pairs.sentence2, pairs.scores):
         batches.append({
-            "a": tokenizer(s1, truncation=True, max_length=max_length, return_tensors="pt"),
-            "b": tokenizer(s2, truncation=True, max_length=max_length, return_tensors="pt"),
+            "a": tokenize(tokenizer, s1, max_length),
+            "b": tokenize(tokenizer, s2, max_length),
             "label": torch.tensor(score / 5.0),
         })
     return batches
@@ -200,7 +202,7 @@ def coreml_embeddings(package: Path, tokenizer, sentences: list[str], seq_len: i
     mlmodel = ct.models.MLModel(str(package))
     rows = []
     for sentence in sentences:
-        tokens = tokenizer(sentence, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+        tokens = tokenize(tokenizer, sentence, seq_len, padding="max_length", tensors="np")
         out = mlmodel.predict({name: tokens[name].astype(np.int32) for name in ("input_ids", "attention_mask")})
         rows.append(torch.from_numpy(np.asarray(out["embedding"], dtype=np.float32).reshape(-1)))
     return torch.stack(rows)
@@ -230,5 +232,4 @@ def calibration_inputs(model_cfg: ModelConfig, data_cfg: DataConfig, num_samples
     attention mask, so padding would pollute the layer Hessians."""
     tokenizer = load_tokenizer(model_cfg)
     sentences = calibration_pairs(data_cfg, num_samples, seed).sentences()[:num_samples]
-    return [tokenizer(s, truncation=True, max_length=model_cfg.max_length, return_tensors="pt")["input_ids"]
-            for s in sentences]
+    return [tokenize(tokenizer, s, model_cfg.max_length)["input_ids"] for s in sentences]

@@ -13,7 +13,9 @@ import torch
 from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import PalettizeConfig, TensorPaletteConfig
 from coreml_pipeline.model import PALETTIZATION, PRUNING, compressible_weights, compression_metadata, compression_types
+from coreml_pipeline.techniques.methods import palettize as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.precision import round_like_package, warn_lost_rows
+from coreml_pipeline.techniques.registry import get
 
 
 def module_config(cfg: TensorPaletteConfig, n_bits: int | None = None, channel_axis: int = 0) -> dict:
@@ -87,6 +89,12 @@ def channel_axis(module: torch.nn.Module, cfg: PalettizeConfig) -> int:
 
 
 def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None):
+    """``model`` palettized by the method palettize.method names (sensitivity: sensitive_kmeans's)."""
+    return get("palettize", cfg.method).apply(model, cfg, sensitivity=sensitivity)
+
+
+def coremltools_kmeans(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None):
+    """coremltools' PostTrainingPalettizer (no sensitivity) or SKMPalettizer (sensitivity given)."""
     from coremltools.optimize.torch.palettization import (
         PostTrainingPalettizer,
         PostTrainingPalettizerConfig,
@@ -94,16 +102,8 @@ def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[st
         SKMPalettizerConfig,
     )
 
-    if cfg.method == "none":
-        return model
-    if cfg.method == "uniform":
-        return uniform_palettize(model, cfg)
-    if cfg.method == "sensitive_kmeans" and sensitivity is None:
-        raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")
-    if cfg.kmeans_solver == "exact_dp":
-        return exact_palettize(model, cfg, sensitivity if cfg.method == "sensitive_kmeans" else None)
     options = palettizer_config(cfg, model)
-    if cfg.method == "kmeans":
+    if sensitivity is None:
         palettizer = PostTrainingPalettizer(model, PostTrainingPalettizerConfig.from_dict(options))
         return palettizer.compress(num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
     palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(options))
@@ -224,7 +224,7 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
     """
     from coreml_pipeline.coreml.private import register_compression
 
-    if cfg.method not in ("kmeans", "sensitive_kmeans") or cfg.enable_per_channel_scale or cfg.lut_dtype:
+    if not get("palettize", cfg.method).kmeans or cfg.enable_per_channel_scale or cfg.lut_dtype:
         return 0  # scaled or quantized tables: keep coremltools' result (zeros_kept reports it)
     done = 0
     for name, module in compressible_weights(model):

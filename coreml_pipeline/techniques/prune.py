@@ -7,6 +7,8 @@ import torch
 
 from coreml_pipeline.config.schema import PruneConfig
 from coreml_pipeline.families.embedding import BERT_BLOCKS
+from coreml_pipeline.techniques.methods import prune as _registers_methods  # noqa: F401
+from coreml_pipeline.techniques.registry import get
 
 # The layers coremltools' MagnitudePruner prunes; embeddings stay dense.
 PRUNED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -51,8 +53,5 @@ def sparse_gpt_options(cfg: PruneConfig) -> dict:
 
 def prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor] | None = None,
           blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
-    if cfg.method == "magnitude":
-        return magnitude_prune(model, cfg)
-    if cfg.method == "sparse_gpt":
-        return sparse_gpt_prune(model, cfg, samples or [], blocks, device)
-    return model
+    """``model`` pruned by the method prune.method names (samples: sparse_gpt's calibration inputs)."""
+    return get("prune", cfg.method).apply(model, cfg, samples=samples, blocks=blocks, device=device)

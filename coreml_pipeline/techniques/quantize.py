@@ -10,7 +10,9 @@ from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import QuantizeConfig
 from coreml_pipeline.families.embedding import BERT_BLOCKS
 from coreml_pipeline.model import QUANTIZATION, compressible_weights, compression_types
+from coreml_pipeline.techniques.methods import quantize as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.precision import expand_blocks, round_like_package, warn_lost_rows
+from coreml_pipeline.techniques.registry import get
 
 SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
 
@@ -97,21 +99,9 @@ def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
 
 def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
              blocks: str = BERT_BLOCKS, device: str = "cpu", family=None) -> torch.nn.Module:
-    """``family`` given: GPTQ layer by layer on its samples (a network without a block stack)."""
-    if cfg.method == "none":
-        return model
-    if cfg.method == "gptq" and family is not None:
-        from coreml_pipeline.techniques.layerwise import compress_each_layer
-
-        model = compress_each_layer(model, "gptq", module_config(cfg), family, samples or [], device)
-    elif cfg.method == "gptq":
-        model = gptq_quantize(model, cfg, samples or [], blocks, device)
-        outside_blocks(model, cfg)
-    else:
-        model = linear_quantize(model, cfg)
-    if cfg.embeddings:
-        quantize_embeddings(model, cfg)
-    return model
+    """``model`` quantized by the method quantize.method names. ``family`` given, GPTQ takes its
+    calibration samples and blocks from it (layer by layer for a network without a block stack)."""
+    return get("quantize", cfg.method).apply(model, cfg, samples=samples, blocks=blocks, device=device, family=family)
 
 
 def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,

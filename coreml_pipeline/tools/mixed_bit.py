@@ -48,7 +48,7 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from coreml_pipeline import numerics, runtime
+from coreml_pipeline import numerics, runtime, validation
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import PALETTE_BITS, ConfigError, PalettizeConfig
 from coreml_pipeline.families.embedding import encode, sts_spearman
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                           "weights and sensitivity belong to params.yaml's other sections)")
     # The base is params.yaml's palettize section (the one the cached artifacts sit beside) plus the overrides.
     raw = config.read_params(args.params)
-    current = config.validate(raw)
+    current = validation.validate(raw)
     # The same CPU code paths as the stages whose cached outputs it reads (before any torch operation).
     numerics.apply(current["runtime"].numerics, current["runtime"].threads)
     if current["model"].family != "sentence_embedding":
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
                           "set palettize.layer_bits by hand for other families")
     merged = OmegaConf.merge(OmegaConf.create({"palettize": raw.get("palettize", {})}),
                              OmegaConf.from_dotlist(args.overrides))
-    composed = config.validate({**raw, "palettize": OmegaConf.to_container(merged)["palettize"]})
+    composed = validation.validate({**raw, "palettize": OmegaConf.to_container(merged)["palettize"]})
     widths = tuple(sorted(set(args.bits)))
     if len(widths) < 2 or any(b not in PALETTE_BITS for b in widths):
         raise ConfigError(f"config error: --bits {args.bits}; allowed: two or more of {PALETTE_BITS}")

@@ -30,8 +30,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from coreml_pipeline.config.schema import SECTIONS, ConfigError, validate
+from coreml_pipeline.config.schema import SECTIONS, ConfigError
 from coreml_pipeline.tools import experiments
+from coreml_pipeline.validation import validate
 
 log = logging.getLogger("pipeline.sweep")
 

@@ -1,0 +1,121 @@
+"""palettize.method: none, kmeans, sensitive_kmeans (k-means weighted by the calibrate
+stage's sensitivity) and uniform; the algorithms are in techniques/palettize.py."""
+
+from __future__ import annotations
+
+from coreml_pipeline.config.schema import PalettizeConfig, fail
+from coreml_pipeline.techniques.registry import Method, pruning_source, register
+
+
+class PalettizeMethod(Method):
+    section = "palettize"
+    # Tables found by k-means: palettize.kmeans_solver=exact_dp can compute them.
+    kmeans = False
+    # Weighted by the calibrate stage's sensitivity (the palettize stage loads it).
+    needs_sensitivity = False
+
+    def check(self, cfg: PalettizeConfig, prefix: str) -> None:
+        if cfg.kmeans_solver != "exact_dp":
+            return
+        if not self.kmeans:
+            fail(f"{prefix}.kmeans_solver", cfg.kmeans_solver,
+                 f"allowed with method=kmeans or sensitive_kmeans (got method={cfg.method}): coremltools")
+        for key, value, default in (("cluster_dim", cfg.cluster_dim, 1), ("lut_dtype", cfg.lut_dtype, None),
+                                    ("enable_per_channel_scale", cfg.enable_per_channel_scale, False)):
+            if value != default:
+                fail(f"{prefix}.kmeans_solver", cfg.kmeans_solver,
+                     f"allowed with {prefix}.{key}={default} only (got {value}): use kmeans_solver=coremltools")
+
+    def check_with(self, sections) -> None:
+        palettize, quantize = sections["palettize"], sections.get("quantize")
+        if quantize is not None and quantize.method != "none":
+            fail("quantize.method", quantize.method,
+                 f"palettize.method={palettize.method} already compresses every weight; quantize its look-up table "
+                 "with palettize.lut_dtype=int8, or set palettize=none for linear quantization")
+        source = pruning_source(sections)
+        if source and palettize.cluster_dim > 1:
+            fail("palettize.cluster_dim", palettize.cluster_dim,
+                 f"allowed: 1 with {source} (coremltools has no sparse vector palettization)")
+        if source and palettize.lut_dtype:
+            # ct.convert 9.0 fails on pruning + palettization + quantized table ("weight should have same rank as scale").
+            fail("palettize.lut_dtype", palettize.lut_dtype,
+                 f"allowed: null with {source} (coremltools cannot convert sparse palettization "
+                 "with a quantized look-up table)")
+
+
+@register
+class NoPalettize(PalettizeMethod):
+    name = "none"
+
+    def check(self, cfg: PalettizeConfig, prefix: str) -> None:
+        if cfg.layer_bits:
+            fail(f"{prefix}.layer_bits", dict(cfg.layer_bits), "allowed: {} with method=none")
+        super().check(cfg, prefix)
+
+    def check_with(self, sections) -> None:
+        pass
+
+    def apply(self, model, cfg, **inputs):
+        return model
+
+
+@register
+class KMeans(PalettizeMethod):
+    """k-means look-up tables per group: coremltools' PostTrainingPalettizer, or the exact solver."""
+
+    name = "kmeans"
+    kmeans = True
+
+    def apply(self, model, cfg, sensitivity=None, **inputs):
+        from coreml_pipeline.techniques.palettize import coremltools_kmeans, exact_palettize
+
+        if cfg.kmeans_solver == "exact_dp":
+            return exact_palettize(model, cfg, None)
+        return coremltools_kmeans(model, cfg, None)
+
+
+@register
+class SensitiveKMeans(KMeans):
+    """k-means weighted by the calibrate stage's sensitivity: coremltools' SKMPalettizer, or the exact solver."""
+
+    name = "sensitive_kmeans"
+    needs_sensitivity = True
+
+    def check(self, cfg: PalettizeConfig, prefix: str) -> None:
+        super().check(cfg, prefix)
+        if cfg.cluster_dim > 1:
+            fail(f"{prefix}.cluster_dim", cfg.cluster_dim, "allowed: 1 with method=sensitive_kmeans; use kmeans")
+
+    def apply(self, model, cfg, sensitivity=None, **inputs):
+        from coreml_pipeline.techniques.palettize import coremltools_kmeans, exact_palettize
+
+        if sensitivity is None:
+            raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")
+        if cfg.kmeans_solver == "exact_dp":
+            return exact_palettize(model, cfg, sensitivity)
+        return coremltools_kmeans(model, cfg, sensitivity)
+
+
+@register
+class Uniform(PalettizeMethod):
+    """Evenly spaced look-up tables (coremltools' Core ML-side UNIFORM mode on torch weights)."""
+
+    name = "uniform"
+
+    def check(self, cfg: PalettizeConfig, prefix: str) -> None:
+        if cfg.cluster_dim > 1 or cfg.enable_per_channel_scale or cfg.lut_dtype:
+            fail(f"{prefix}.method", cfg.method,
+                 "uniform look-up tables take no cluster_dim, enable_per_channel_scale or lut_dtype (coremltools)")
+        super().check(cfg, prefix)
+
+    def check_with(self, sections) -> None:
+        super().check_with(sections)
+        source = pruning_source(sections)
+        if source:
+            fail("palettize.method", "uniform", f"with {source}: a uniform table has no zero entry, "
+                 "pruned zeros would be lost; use kmeans or sensitive_kmeans")
+
+    def apply(self, model, cfg, **inputs):
+        from coreml_pipeline.techniques.palettize import uniform_palettize
+
+        return uniform_palettize(model, cfg)

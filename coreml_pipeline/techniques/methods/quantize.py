@@ -1,0 +1,77 @@
+"""quantize.method: none, linear (coremltools' PostTrainingQuantizer, data-free) and gptq
+(GPTQ on calibration samples); the algorithms are in techniques/quantize.py."""
+
+from __future__ import annotations
+
+from coreml_pipeline.config.schema import QuantizeConfig, fail
+from coreml_pipeline.techniques.methods.prune import BERT_BLOCKS
+from coreml_pipeline.techniques.registry import Method, pruning_source, register
+
+
+class QuantizeMethod(Method):
+    section = "quantize"
+
+    def apply(self, model, cfg, **inputs):
+        from coreml_pipeline.techniques.quantize import quantize_embeddings
+
+        model = self.quantize_layers(model, cfg, **inputs)
+        if cfg.embeddings:
+            quantize_embeddings(model, cfg)
+        return model
+
+    def quantize_layers(self, model, cfg, **inputs):
+        raise NotImplementedError
+
+
+@register
+class NoQuantize(QuantizeMethod):
+    name = "none"
+
+    def apply(self, model, cfg, **inputs):
+        return model
+
+
+@register
+class LinearQuantize(QuantizeMethod):
+    """coremltools' PostTrainingQuantizer, data-free."""
+
+    name = "linear"
+
+    def quantize_layers(self, model, cfg, **inputs):
+        from coreml_pipeline.techniques.quantize import linear_quantize
+
+        return linear_quantize(model, cfg)
+
+
+@register
+class GPTQ(QuantizeMethod):
+    """GPTQ on calibration samples: coremltools' LayerwiseCompressor over the block stack (layers
+    outside it quantized data-free), or layer by layer for a network without one."""
+
+    name = "gptq"
+
+    def check(self, cfg: QuantizeConfig, prefix: str) -> None:
+        if not cfg.dtype.startswith("u"):
+            fail(f"{prefix}.dtype", cfg.dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
+        if cfg.granularity == "per_tensor":
+            fail(f"{prefix}.granularity", cfg.granularity, "allowed with method=gptq: per_channel, per_block")
+
+    def check_with(self, sections) -> None:
+        source = pruning_source(sections)
+        if source:
+            fail("quantize.method", "gptq", f"with {source}: GPTQ updates every weight and refills "
+                 "pruned zeros; use quantize.method=linear for sparse quantization")
+
+    def quantize_layers(self, model, cfg, samples=None, blocks=None, device="cpu", family=None, **inputs):
+        from coreml_pipeline.techniques.quantize import gptq_quantize, module_config, outside_blocks
+
+        if family is not None and not family.block_stack:
+            from coreml_pipeline.techniques.layerwise import compress_each_layer
+
+            return compress_each_layer(model, "gptq", module_config(cfg), family,
+                                       family.calibration_samples(cfg.num_samples, 0), device)
+        if family is not None:
+            samples, blocks = family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model)
+        model = gptq_quantize(model, cfg, samples or [], blocks or BERT_BLOCKS, device)
+        outside_blocks(model, cfg)
+        return model
