@@ -38,7 +38,9 @@ def measure(variant: str) -> dict:
     if variant == "row_blocks":
         from coreml_pipeline.techniques.precision import find_indices_for_lut
     else:
-        from coremltools.optimize._utils import find_indices_for_lut
+        from coreml_pipeline.coreml.private import coremltools_find_indices_for_lut
+
+        find_indices_for_lut = coremltools_find_indices_for_lut()
     indices = find_indices_for_lut(data, lut)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -21,10 +21,10 @@ from coreml_pipeline.validation import validate
 
 
 def kmeans1d_error(values: np.ndarray, k: int, weights: np.ndarray | None) -> float:
-    from coremltools._deps import _kmeans1d
+    from coreml_pipeline.coreml.private import kmeans1d
 
-    result = _kmeans1d.cluster(values, k, weights=weights)
-    centroids, labels = np.asarray(result.centroids), np.asarray(result.clusters)
+    found, clusters = kmeans1d(values, k, weights=weights)
+    centroids, labels = np.asarray(found), np.asarray(clusters)
     return float((((centroids[labels] - values) ** 2) * (1.0 if weights is None else weights)).sum())
 
 

@@ -79,11 +79,11 @@ def test_layer_bits_are_validated_before_any_work(tiny_bert):
 
 
 def exact_error(values: np.ndarray, mass: np.ndarray, n_bits: int) -> float:
-    from coremltools._deps import _kmeans1d
+    from coreml_pipeline.coreml.private import kmeans1d
 
-    result = _kmeans1d.cluster(values.tolist(), 2 ** n_bits, weights=mass.tolist())
-    table = np.asarray(result.centroids).astype(np.float16).astype(np.float64)
-    return float((mass * (values - table[np.asarray(result.clusters)]) ** 2).sum())
+    centroids, clusters = kmeans1d(values.tolist(), 2 ** n_bits, weights=mass.tolist())
+    table = np.asarray(centroids).astype(np.float16).astype(np.float64)
+    return float((mass * (values - table[np.asarray(clusters)]) ** 2).sum())
 
 
 @pytest.mark.parametrize("shape,group,axis", [((64, 384), 16, 0), ((16, 384), 4, 0), ((30522, 4), 4, 1)])
