@@ -39,7 +39,6 @@ from typing import Any
 
 from coreml_pipeline.config.schema import ConfigError
 
-MODES = ("portable", "native")
 PORTABLE_ATEN_CAPABILITY = "avx2"
 # MKL's CNR branches (mkl_service.h: MKL_CBWR_*) and the strict-mode flag.
 CBWR_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX",

@@ -43,6 +43,13 @@ def test_another_coremltools_version_is_refused_in_one_line(monkeypatch):
         importlib.import_module("coreml_pipeline.coreml.private")
     message = str(error.value)
     assert "\n" not in message and "coremltools 9.1 is installed" in message and "coremltools==9.0" in message
+    # A stage's command line prints that one line and exits 2 (runtime.run_cli), no traceback.
+    from coreml_pipeline.runtime import run_cli
+
+    def stage_main(argv):
+        importlib.import_module("coreml_pipeline.coreml.private")
+
+    assert run_cli(stage_main, []) == 2
 
 
 def test_exact_kmeans_finds_the_obvious_clusters():

@@ -15,10 +15,19 @@ from typing import Any, Callable, Iterator
 
 import coremltools
 
+from coreml_pipeline.config.schema import ConfigError
+
 CHECKED_VERSION = "9.0"
 
+
+
+class UnsupportedCoremltools(ConfigError, ImportError):
+    """Another coremltools than the one these private APIs were checked against. A ConfigError, so
+    that a stage's command line prints its one line and exits 2 instead of a traceback."""
+
+
 if coremltools.__version__ != CHECKED_VERSION:
-    raise ImportError(
+    raise UnsupportedCoremltools(
         f"coremltools {coremltools.__version__} is installed; coreml_pipeline uses private coremltools APIs "
         f"checked only against {CHECKED_VERSION} (coreml_pipeline/coreml/private.py); allowed: "
         f"coremltools=={CHECKED_VERSION} (requirements.txt)")
