@@ -321,7 +321,7 @@ class QuantizeConfig:
     granularity: str = "per_channel"
     # per_block: this many input channels share one scale.
     block_size: Optional[int] = None
-    # Embedding tables too (coremltools' torch quantizer skips them; see stages/quantize.py).
+    # Embedding tables too (coremltools' torch quantizer skips them; see coreml_pipeline/techniques/quantize.py).
     embeddings: bool = True
     # gptq only: calibration sentences for the layer-wise Hessians.
     num_samples: int = 64
