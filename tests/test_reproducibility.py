@@ -292,3 +292,13 @@ def test_push_and_pull_through_an_s3_remote_leave_nothing_to_rerun(built, s3_ser
     pulled = run(["dvc", "repro", "--pull"], second)
     assert "stage=" not in pulled.stdout + pulled.stderr  # every stage restored, none executed
     assert lock_outs(second) == lock_outs(project)
+
+
+def test_config_check_reads_null_mappings_as_the_schema_records_them():
+    """The default palettize.layer_bits is null in params.yaml and {} in the recorded config: a package
+    no dvc.lock records yet (dvc repro run, dvc.lock not committed) was called tampered for it."""
+    from coreml_pipeline.tools.audit import differences
+
+    assert differences({"palettize": {"layer_bits": {}, "n_bits": 4}}, {"palettize": {"layer_bits": None, "n_bits": 4}}) == []
+    assert differences({"palettize": {"layer_bits": {"x": 2}}}, {"palettize": {"layer_bits": None}}) == [
+        "palettize.layer_bits recorded {'x': 2}, commit None"]
