@@ -30,8 +30,8 @@ SIGNATURES = {
 
 def test_every_private_callable_keeps_its_signature():
     assert set(private.PRIVATE_CALLABLES) == set(SIGNATURES)
-    for name, get in private.PRIVATE_CALLABLES.items():
-        assert list(inspect.signature(get()).parameters) == SIGNATURES[name], name
+    for name, function in private.PRIVATE_CALLABLES.items():
+        assert list(inspect.signature(function).parameters) == SIGNATURES[name], name
 
 
 def test_another_coremltools_version_is_refused_in_one_line(monkeypatch):

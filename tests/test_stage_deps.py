@@ -47,3 +47,10 @@ def test_imports_inside_functions_and_registry_strings_count(tmp_path):
     lines = stage_deps.differences(tmp_path)
     assert lines == ["one: dvc.yaml deps miss coreml_pipeline/__init__.py, coreml_pipeline/named.py, "
                      "stages/__init__.py (imported)"]
+    # Relative imports resolve against the package, a package's own for its __init__.py.
+    (lib / "sub").mkdir()
+    (lib / "sub/__init__.py").write_text("from . import leaf\nfrom ..named import x\n")
+    (lib / "sub/leaf.py").write_text("from .. import unused\n")
+    assert stage_deps.imported_modules(lib / "sub/__init__.py", tmp_path) == {
+        "coreml_pipeline.sub", "coreml_pipeline.sub.leaf", "coreml_pipeline.named"}
+    assert stage_deps.imported_modules(lib / "sub/leaf.py", tmp_path) == {"coreml_pipeline", "coreml_pipeline.unused"}

@@ -122,12 +122,12 @@ def load_program(spec, weights_dir: str):
 
 # What tests/test_private_api.py pins: each private callable by the name used above.
 PRIVATE_CALLABLES = {
-    "coremltools._deps._kmeans1d.cluster": lambda: _kmeans1d.cluster,
-    "metadata_utils.CompressionMetadata": lambda: _CompressionMetadata,
-    "metadata_utils.register_metadata_version": lambda: register_metadata_version,
-    "palettize_weights._get_lut_and_indices": lambda: _palettize._get_lut_and_indices,
-    "linear_quantize_weights.blockwise_compress": lambda: _linear.blockwise_compress,
-    "WeightDecompressor": lambda: WeightDecompressor,
-    "optimize._utils.find_indices_for_lut": lambda: _ORIGINAL_FIND_INDICES,
-    "optimize._utils.lut_to_dense": lambda: _optimize_utils.lut_to_dense,
+    "coremltools._deps._kmeans1d.cluster": _kmeans1d.cluster,
+    "metadata_utils.CompressionMetadata": _CompressionMetadata,
+    "metadata_utils.register_metadata_version": register_metadata_version,
+    "palettize_weights._get_lut_and_indices": _palettize._get_lut_and_indices,
+    "linear_quantize_weights.blockwise_compress": _linear.blockwise_compress,
+    "WeightDecompressor": WeightDecompressor,
+    "optimize._utils.find_indices_for_lut": _ORIGINAL_FIND_INDICES,
+    "optimize._utils.lut_to_dense": _optimize_utils.lut_to_dense,
 }

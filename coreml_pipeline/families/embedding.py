@@ -53,12 +53,16 @@ class SentenceEmbedding(Family):
         return calibration_inputs(self.cfg, self.data, num_samples, seed=0)
 
     # --- what the baseline, evaluate and coreml_compress stages ask of it ---------------
+    def pair_scores(self, network: torch.nn.Module, batch_size: int) -> tuple[Pairs, torch.Tensor, float]:
+        """(evaluation pairs, their embeddings by ``network``, STS-B Spearman x100)."""
+        pairs = eval_pairs(self.data)
+        embeddings = encode(network, load_tokenizer(self.cfg), pairs.sentences(), self.cfg, batch_size)
+        return pairs, embeddings, sts_spearman(embeddings, pairs)
+
     def float_reference(self, network: torch.nn.Module, cfg: EvaluateConfig, device: torch.device, log
                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
-        pairs = eval_pairs(self.data)
-        with runtime.timed(log, f"float embeddings of {len(pairs)} pairs"):
-            embeddings = encode(network, load_tokenizer(self.cfg), pairs.sentences(), self.cfg, cfg.batch_size)
-        spearman = sts_spearman(embeddings, pairs)
+        with runtime.timed(log, "float embeddings of the evaluation pairs"):
+            pairs, embeddings, spearman = self.pair_scores(network, cfg.batch_size)
         log.info("float STS-B Spearman x100: %.2f", spearman)
         return {"embeddings": embeddings.contiguous()}, {"spearman": spearman}, {"num_pairs": len(pairs)}
 
@@ -86,9 +90,7 @@ class SentenceEmbedding(Family):
 
     def score_package(self, network: torch.nn.Module, reference: dict[str, torch.Tensor], float_report: dict,
                       cfg: EvaluateConfig, device: torch.device, size: int, decoded: int, run: dict) -> dict:
-        pairs = eval_pairs(self.data)
-        embeddings = encode(network, load_tokenizer(self.cfg), pairs.sentences(), self.cfg, cfg.batch_size)
-        spearman = sts_spearman(embeddings, pairs)
+        pairs, embeddings, spearman = self.pair_scores(network, cfg.batch_size)
         return {
             **{key: run[key] for key in ("enabled", "steps", "data_free_substitutes")},
             "sts_spearman": round(spearman, 4),

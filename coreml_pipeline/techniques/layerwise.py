@@ -76,3 +76,30 @@ def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, f
         log.info("%s: layer group %d of %d done (%d layers)", algorithm, index + 1, len(groups), len(group))
     register_metadata_version(model)
     return model.cpu()
+
+
+def compress_blocks(model: torch.nn.Module, algorithm: str, options: dict, samples: list, blocks: str,
+                    device="cpu") -> torch.nn.Module:
+    """coremltools' LayerwiseCompressor running ``algorithm`` with its ``options`` over the stack of
+    repeated ``blocks`` (a module-name regex), fed ``samples``; the model comes back on the CPU."""
+    from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
+
+    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
+        "global_config": {"algorithm": algorithm, **options},
+        "input_cacher": "gpt",  # the default cacher fails on BERT ("not enough values to unpack")
+        "layers": [blocks],
+        "calibration_nsamples": len(samples),
+    }))
+    return compressor.compress(samples, device=str(device), inplace=True).cpu()
+
+
+def compress(model: torch.nn.Module, algorithm: str, options: dict, num_samples: int, device="cpu", family=None,
+             samples: list | None = None, blocks: str | None = None) -> torch.nn.Module:
+    """``algorithm`` on calibration data. ``family`` given: over its block stack on its layer-wise
+    samples, or layer by layer (compress_each_layer) on its calibration samples when it has none;
+    without a family, over ``blocks`` on ``samples``."""
+    if family is not None and not family.block_stack:
+        return compress_each_layer(model, algorithm, options, family, family.calibration_samples(num_samples, 0), device)
+    if family is not None:
+        samples, blocks = family.layerwise_samples(num_samples), family.layerwise_blocks(model)
+    return compress_blocks(model, algorithm, options, samples or [], blocks, device)

@@ -27,22 +27,6 @@ def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> torch.nn.Module
     return pruner.finalize(inplace=True)
 
 
-
-
-def sparse_gpt_prune(model: torch.nn.Module, cfg: PruneConfig, samples: list[torch.Tensor],
-                     blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
-    from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
-
-    global_cfg = {"algorithm": "sparse_gpt", **sparse_gpt_options(cfg)}
-    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
-        "global_config": global_cfg,
-        "input_cacher": "gpt",  # the default cacher fails on BERT ("not enough values to unpack")
-        "layers": [blocks],
-        "calibration_nsamples": len(samples),
-    }))
-    return compressor.compress(samples, device=str(device), inplace=True).cpu()
-
-
 def sparse_gpt_options(cfg: PruneConfig) -> dict:
     # SparseGPT would also quantize to uint8 by default; this stage only prunes.
     options = {"target_sparsity": float(cfg.target_sparsity), "weight_dtype": "float32"}

@@ -32,19 +32,6 @@ def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Mod
     return quantizer.compress(inplace=True)
 
 
-def gptq_quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor],
-                  blocks: str = BERT_BLOCKS, device: str = "cpu") -> torch.nn.Module:
-    from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
-
-    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
-        "global_config": {"algorithm": "gptq", **module_config(cfg)},
-        "input_cacher": "gpt",  # the default cacher fails on BERT (see shared notes)
-        "layers": [blocks],
-        "calibration_nsamples": len(samples),
-    }))
-    return compressor.compress(samples, device=str(device), inplace=True).cpu()
-
-
 def outside_blocks(model: torch.nn.Module, cfg: QuantizeConfig) -> list[str]:
     """LayerwiseCompressor's GPTQ covers the layers inside the block stack only; a layer outside
     it (a causal LM's head) is quantized data-free with the same settings rather than left float16.

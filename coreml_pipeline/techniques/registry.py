@@ -53,24 +53,20 @@ def names(section: str) -> tuple[str, ...]:
     return tuple(_METHODS[section])
 
 
-def get(section: str, name: str) -> Method:
+def get(section: str, name: str, prefix: str | None = None) -> Method:
     """The registered method ``name`` of ``section`` (no checks: for configs already validated)."""
     known = _METHODS[section]
+    if not known:
+        raise RuntimeError(f"no {section} method is registered: import coreml_pipeline.techniques.methods.{section} first")
     if name not in known:
-        fail(f"{section}.method", name, f"allowed: {', '.join(known)}")
+        fail(f"{prefix or section}.method", name, f"allowed: {', '.join(known)}")
     return known[name]()
 
 
 def method(section: str, cfg: Any, prefix: str | None = None) -> Method:
     """The method ``cfg.method`` names, its own checks passed; a ConfigError (one line) otherwise."""
-    prefix = prefix or section
-    known = _METHODS[section]
-    if not known:
-        raise RuntimeError(f"no {section} method is registered: import coreml_pipeline.techniques.methods.{section} first")
-    if cfg.method not in known:
-        fail(f"{prefix}.method", cfg.method, f"allowed: {', '.join(known)}")
-    chosen = known[cfg.method]()
-    chosen.check(cfg, prefix)
+    chosen = get(section, cfg.method, prefix)
+    chosen.check(cfg, prefix or section)
     return chosen
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -47,18 +48,16 @@ def _with_parents(name: str, root: Path) -> set[Path]:
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """Project modules ``path`` imports anywhere in its body, or names in a string."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = ".".join(path.relative_to(root).with_suffix("").parts)
-    if path.name != "__init__.py":
-        package = package.rpartition(".")[0]
+    parts = path.relative_to(root).with_suffix("").parts
+    # The package relative imports resolve against: a package's own name for its __init__.py.
+    package = ".".join(parts[:-1])
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([node.module] if node.module else []))
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                else node.module or ""
             names.add(base)
             # `from package import module` imports a module, not only a name.
             names.update(f"{base}.{alias.name}" for alias in node.names)

@@ -69,9 +69,10 @@ class KMeans(PalettizeMethod):
     def apply(self, model, cfg, sensitivity=None, **inputs):
         from coreml_pipeline.techniques.palettize import coremltools_kmeans, exact_palettize
 
+        weights = sensitivity if self.needs_sensitivity else None
         if cfg.kmeans_solver == "exact_dp":
-            return exact_palettize(model, cfg, None)
-        return coremltools_kmeans(model, cfg, None)
+            return exact_palettize(model, cfg, weights)
+        return coremltools_kmeans(model, cfg, weights)
 
 
 @register
@@ -87,13 +88,9 @@ class SensitiveKMeans(KMeans):
             fail(f"{prefix}.cluster_dim", cfg.cluster_dim, "allowed: 1 with method=sensitive_kmeans; use kmeans")
 
     def apply(self, model, cfg, sensitivity=None, **inputs):
-        from coreml_pipeline.techniques.palettize import coremltools_kmeans, exact_palettize
-
         if sensitivity is None:
             raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")
-        if cfg.kmeans_solver == "exact_dp":
-            return exact_palettize(model, cfg, sensitivity)
-        return coremltools_kmeans(model, cfg, sensitivity)
+        return super().apply(model, cfg, sensitivity, **inputs)
 
 
 @register

@@ -6,9 +6,6 @@ from __future__ import annotations
 from coreml_pipeline.config.schema import PruneConfig, fail
 from coreml_pipeline.techniques.registry import Method, register
 
-# BertModel's repeated blocks (families/embedding.py), the default stack SparseGPT walks.
-BERT_BLOCKS = r"encoder\.layer\.\d+"
-
 
 class PruneMethod(Method):
     section = "prune"
@@ -18,6 +15,10 @@ class PruneMethod(Method):
     def check(self, cfg: PruneConfig, prefix: str) -> None:
         if cfg.block_size > 1 and (not self.block_pruning or cfg.n_m_ratio):
             fail(f"{prefix}.block_size", cfg.block_size, "allowed: 1, unless method=magnitude without n_m_ratio")
+        self.check_target(cfg, prefix)
+
+    def check_target(self, cfg: PruneConfig, prefix: str) -> None:
+        """A pruning method needs a sparsity: target_sparsity or an n:m ratio."""
         if cfg.target_sparsity == 0 and not cfg.n_m_ratio:
             fail(f"{prefix}.target_sparsity", cfg.target_sparsity, f"allowed: (0, 1) when method={self.name}")
 
@@ -26,9 +27,7 @@ class PruneMethod(Method):
 class NoPrune(PruneMethod):
     name = "none"
 
-    def check(self, cfg: PruneConfig, prefix: str) -> None:
-        if cfg.block_size > 1:
-            fail(f"{prefix}.block_size", cfg.block_size, "allowed: 1, unless method=magnitude without n_m_ratio")
+    def check_target(self, cfg: PruneConfig, prefix: str) -> None:
         if cfg.target_sparsity > 0 or cfg.n_m_ratio:
             fail(f"{prefix}.method", cfg.method, "target_sparsity and n_m_ratio need method magnitude or sparse_gpt")
 
@@ -58,13 +57,8 @@ class SparseGPT(PruneMethod):
 
     def apply(self, model, cfg, samples=None, blocks=None, device="cpu", family=None, **inputs):
         """``family`` given: its own calibration samples (and blocks, or layer by layer without a block stack)."""
-        from coreml_pipeline.techniques.prune import sparse_gpt_options, sparse_gpt_prune
+        from coreml_pipeline.techniques import layerwise
+        from coreml_pipeline.techniques.prune import sparse_gpt_options
 
-        if family is not None and not family.block_stack:
-            from coreml_pipeline.techniques.layerwise import compress_each_layer
-
-            return compress_each_layer(model, "sparse_gpt", sparse_gpt_options(cfg), family,
-                                       family.calibration_samples(cfg.num_samples, 0), device)
-        if family is not None:
-            samples, blocks = family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model)
-        return sparse_gpt_prune(model, cfg, samples or [], blocks or BERT_BLOCKS, device)
+        return layerwise.compress(model, "sparse_gpt", sparse_gpt_options(cfg), cfg.num_samples, device, family,
+                                  samples, blocks)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from coreml_pipeline.config.schema import QuantizeConfig, fail
-from coreml_pipeline.techniques.methods.prune import BERT_BLOCKS
 from coreml_pipeline.techniques.registry import Method, pruning_source, register
 
 
@@ -63,15 +62,10 @@ class GPTQ(QuantizeMethod):
                  "pruned zeros; use quantize.method=linear for sparse quantization")
 
     def quantize_layers(self, model, cfg, samples=None, blocks=None, device="cpu", family=None, **inputs):
-        from coreml_pipeline.techniques.quantize import gptq_quantize, module_config, outside_blocks
+        from coreml_pipeline.techniques import layerwise
+        from coreml_pipeline.techniques.quantize import module_config, outside_blocks
 
-        if family is not None and not family.block_stack:
-            from coreml_pipeline.techniques.layerwise import compress_each_layer
-
-            return compress_each_layer(model, "gptq", module_config(cfg), family,
-                                       family.calibration_samples(cfg.num_samples, 0), device)
-        if family is not None:
-            samples, blocks = family.layerwise_samples(cfg.num_samples), family.layerwise_blocks(model)
-        model = gptq_quantize(model, cfg, samples or [], blocks or BERT_BLOCKS, device)
-        outside_blocks(model, cfg)
+        model = layerwise.compress(model, "gptq", module_config(cfg), cfg.num_samples, device, family, samples, blocks)
+        if family is None or family.block_stack:  # the block walk leaves layers outside the stack (a head)
+            outside_blocks(model, cfg)
         return model
