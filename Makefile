@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest
 
 params: setup
-	$(PY) -m coreml_pipeline.config.compose
+	$(PY) -m coreml_pipeline.tools.params
 
 docs: setup
 	$(VENV)/bin/mkdocs serve

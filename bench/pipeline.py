@@ -52,7 +52,7 @@ class Clone:
         return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024), "stages": stages}
 
     def compose(self, *overrides: str) -> None:
-        subprocess.run([sys.executable, "-m", "coreml_pipeline.config.compose", *overrides], cwd=self.dir, env=self.env, check=True,
+        subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.params", *overrides], cwd=self.dir, env=self.env, check=True,
                        capture_output=True)
 
 

@@ -82,7 +82,7 @@ def make_project_copy(dest: Path, overrides: list[str]) -> Path:
         else:
             shutil.copy2(src, target)
     (dest / ".gitignore").write_text("/artifacts/\n*.partial.*\n")
-    run([sys.executable, "-m", "coreml_pipeline.config.compose", *overrides], dest)
+    run([sys.executable, "-m", "coreml_pipeline.tools.params", *overrides], dest)
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)

@@ -17,7 +17,7 @@ from coreml_pipeline.validation import validate
 
 
 def test_params_yaml_is_the_composition_of_conf():
-    # If this fails: run `python -m coreml_pipeline.config.compose` and commit params.yaml.
+    # If this fails: run `python -m coreml_pipeline.tools.params` and commit params.yaml.
     assert config.PARAMS.read_text(encoding="utf-8") == config.compose_text()
 
 
@@ -129,10 +129,10 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
 def test_config_cli_check_detects_drift(tmp_path):
     drifted = tmp_path / "params.yaml"
     drifted.write_text(config.PARAMS.read_text().replace("n_bits: 4", "n_bits: 6", 1))
-    result = run([sys.executable, "-m", "coreml_pipeline.config.compose", "--check", "--params", str(drifted)], ROOT, check=False)
+    result = run([sys.executable, "-m", "coreml_pipeline.tools.params", "--check", "--params", str(drifted)], ROOT, check=False)
     assert result.returncode == 1
     assert "differs from conf/" in result.stderr
-    run([sys.executable, "-m", "coreml_pipeline.config.compose", "--params", str(drifted)], ROOT)
+    run([sys.executable, "-m", "coreml_pipeline.tools.params", "--params", str(drifted)], ROOT)
     assert drifted.read_text() == config.PARAMS.read_text()
 
 

@@ -57,7 +57,7 @@ def test_mixed_bit_recipe_from_the_cached_sensitivity(reproduced, tmp_path):
     assert report["estimated_package_mb"] <= 8 and 2 < report["mean_bits"] < 4 and 0 < report["cosine"] <= 1
     composed = tmp_path / "params.yaml"
     upstream = [o for o in REDUCED_OVERRIDES if not o.startswith("palettize.")]
-    run([sys.executable, "-m", "coreml_pipeline.config.compose", "--params", str(composed), *upstream, "palettize=mixed_test"], project)
+    run([sys.executable, "-m", "coreml_pipeline.tools.params", "--params", str(composed), *upstream, "palettize=mixed_test"], project)
     assert yaml.safe_load(composed.read_text())["palettize"]["layer_bits"] == recipe["layer_bits"]
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
 
