@@ -20,7 +20,7 @@ from pathlib import Path
 from coreml_pipeline import families, runtime
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.coreml.convert import convert_and_check
-from coreml_pipeline.families.embedding import cosine_loss, encode, evaluate, pair_batches, sts_spearman
+from coreml_pipeline.families.sentence_embedding import cosine_loss, encode, evaluate, pair_batches, sts_spearman
 from coreml_pipeline.families.stsb import calibration_pairs, eval_pairs
 from coreml_pipeline.model import load_float_model, load_tokenizer
 from coreml_pipeline.techniques import calibrate, palettize

@@ -54,16 +54,6 @@ def load_float_model(cfg: ModelConfig) -> torch.nn.Module:
     return families.get(cfg).load_float()
 
 
-
-
-
-
-
-
-
-
-
-
 def compressed_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters plus the ``_COREML_`` metadata buffers, as contiguous tensors."""
     return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
@@ -104,6 +94,10 @@ def load_weights(cfg: ModelConfig, path: str | Path) -> torch.nn.Module:
     model.load_state_dict(state, strict=True)
     return model.eval()
 
+
+# A BERT encoder's repeated blocks (BertModel.encoder.layer.<i>): what coremltools'
+# LayerwiseCompressor (SparseGPT, GPTQ) walks when no family names its own.
+BERT_BLOCKS = r"encoder\.layer\.\d+"
 
 COMPRESSIBLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 

@@ -1,7 +1,8 @@
 """Stage 2, finetune (optional): compression while fine-tuning, the third workflow.
 
-Fine-tunes on the STS-B train split with the cosine-similarity loss
-all-MiniLM was trained with, while compressing:
+Fine-tunes on the family's training split with its training loss (the sentence
+embedder: STS-B train pairs, the cosine-similarity loss all-MiniLM was trained
+with), while compressing:
 
 - dkm: coremltools' DKMPalettizer (differentiable k-means) learns look-up
   tables with the palettize section's n_bits, granularity and group size
@@ -25,14 +26,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from coreml_pipeline import runtime
+from coreml_pipeline import families, runtime
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import FinetuneConfig
 from coreml_pipeline.families.base import to_device, torch_device
-from coreml_pipeline.families.stsb import load_pairs
-from coreml_pipeline.model import load_tokenizer, load_weights, save_weights
+from coreml_pipeline.model import load_weights, save_weights
 from coreml_pipeline.techniques import registry
-from coreml_pipeline.techniques.finetune import batches, train
+from coreml_pipeline.techniques.finetune import train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,12 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         log.info("finetune.method is none: %s passes through", args.weights)
         return
     model_cfg = params["model"]
-    pairs = load_pairs(params["data"], params["data"].train_file)
-    data = batches(pairs, load_tokenizer(model_cfg), model_cfg.max_length, cfg.batch_size, cfg.steps, cfg.seed)
+    family = families.get(model_cfg, params["data"])
+    data = family.train_batches(cfg.batch_size, cfg.steps, cfg.seed)
     device = torch_device(model_cfg)
     model = load_weights(model_cfg, args.weights).to(device)
-    with runtime.timed(log, f"finetune method={cfg.method} {cfg.steps} steps of {cfg.batch_size} pairs on {device}"):
-        model = train(model, cfg, (to_device(batch, device) for batch in data), log)
+    with runtime.timed(log, f"finetune method={cfg.method} {cfg.steps} steps of {cfg.batch_size} on {device}"):
+        model = train(model, cfg, (to_device(batch, device) for batch in data), family.train_loss, log)
     save_weights(model.cpu(), out)
     log.info("wrote %s", out)
 

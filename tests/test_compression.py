@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coreml_pipeline.config.schema import EmbeddingPaletteConfig, PalettizeConfig, PruneConfig
-from coreml_pipeline.families.embedding import cosine_loss
+from coreml_pipeline.families.sentence_embedding import cosine_loss
 from coreml_pipeline.model import COREML_PREFIX, compressible_weights, register_metadata, save_weights
 from coreml_pipeline.techniques.calibrate import sensitivity
 from coreml_pipeline.techniques.palettize import check_all_palettized, keep_pruned_zeros, palettize, zeros_kept

@@ -9,13 +9,13 @@ from coreml_pipeline import families
 from coreml_pipeline.config.schema import (
     ConvertConfig,
     CoremlConfig,
-    ModelConfig,
     PalettizeConfig,
     PruneConfig,
     QuantizeConfig,
 )
 from coreml_pipeline.coreml import convert
 from coreml_pipeline.coreml.compress import compress, load_decoded, plan
+from coreml_pipeline.families.sentence_embedding import SentenceEmbeddingConfig
 from coreml_pipeline.model import compressible_weights
 from coreml_pipeline.validation import check_combination
 
@@ -46,7 +46,7 @@ RECIPES = {
 @pytest.fixture(scope="module")
 def float_package(tiny_bert, tmp_path_factory):
     path = tmp_path_factory.mktemp("float") / "float16.mlpackage"
-    convert.save_package(convert.to_mlmodel(tiny_bert(), families.get(ModelConfig()), ConvertConfig(seq_len=16)), path)
+    convert.save_package(convert.to_mlmodel(tiny_bert(), families.get(SentenceEmbeddingConfig()), ConvertConfig(seq_len=16)), path)
     return path
 
 

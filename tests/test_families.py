@@ -106,11 +106,11 @@ def test_sd_pipeline_text_encoder_embeds_the_prompts(tmp_path):
     import torch
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from coreml_pipeline.config.schema import DataConfig, ModelConfig
-    from coreml_pipeline.families.sd_unet import SDUNet
+    from coreml_pipeline.config.schema import DataConfig
+    from coreml_pipeline.families.sd_unet import SDUNet, SDUNetConfig
 
     source = tiny_sd_pipeline(tmp_path / "pipeline")
-    family = SDUNet(ModelConfig(family="sd_unet", source=str(source)),
+    family = SDUNet(SDUNetConfig(source=str(source)),
                     DataConfig(format="prompts", dir=str(ROOT / "data/prompts"), calibration_file="calibration.txt",
                                eval_file="eval.txt", train_file="calibration.txt"))
     samples = family.calibration_samples(2, seed=0)

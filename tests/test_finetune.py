@@ -6,6 +6,7 @@ import torch
 from test_compression import token_batches
 
 from coreml_pipeline.config.schema import FinetuneConfig, PalettizeConfig, QuantizeConfig
+from coreml_pipeline.families.sentence_embedding import mean_cosine_loss
 from coreml_pipeline.model import COREML_PREFIX, compressible_weights, compression_types
 from coreml_pipeline.runtime import log
 from coreml_pipeline.techniques import palettize, quantize
@@ -29,7 +30,7 @@ def test_dkm_learns_tables_that_the_palettize_stage_stores_exactly(tiny_bert):
     pal = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_grouped_channel", group_size=16,
                           num_kmeans_workers=1)
     cfg = FinetuneConfig(method="dkm", steps=3, learning_rate=1e-4, log_every=1, palettize=pal)
-    model = train(tiny_bert(), cfg, random_batches(3), log)
+    model = train(tiny_bert(), cfg, random_batches(3), mean_cosine_loss, log)
     assert not any("/weight/" in k for k in model.state_dict() if COREML_PREFIX in k)  # DKM tables dropped
     trained = {n: m.weight.detach().clone() for n, m in compressible_weights(model)}
     for name, weight in trained.items():
@@ -47,7 +48,7 @@ def test_qat_trains_against_the_quantize_grid(tiny_bert):
     quant = QuantizeConfig(method="linear", dtype="int4", granularity="per_block", block_size=32)
     cfg = FinetuneConfig(method="qat", steps=3, learning_rate=1e-3, log_every=1, quantize=quant)
     reference = tiny_bert()
-    model = train(tiny_bert(), cfg, random_batches(3), log)
+    model = train(tiny_bert(), cfg, random_batches(3), mean_cosine_loss, log)
     dense = model.get_submodule("encoder.layer.0.intermediate.dense")
     assert not hasattr(dense, "parametrizations")
     weight = dense.weight.detach()
@@ -60,7 +61,7 @@ def test_qat_trains_against_the_quantize_grid(tiny_bert):
 
 def test_gradual_pruning_reaches_its_target_and_marks_the_weights(tiny_bert):
     cfg = FinetuneConfig(method="gradual_prune", steps=8, learning_rate=1e-4, target_sparsity=0.5, log_every=4)
-    model = train(tiny_bert(), cfg, random_batches(8), log)
+    model = train(tiny_bert(), cfg, random_batches(8), mean_cosine_loss, log)
     for name, module in linear_layers(model):
         assert abs(float((module.weight == 0).float().mean()) - 0.5) < 0.02, name
         assert compression_types(module) == [1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT
 
-from coreml_pipeline.config.schema import DataConfig, ModelConfig
-from coreml_pipeline.families.embedding import encode, sts_spearman
+from coreml_pipeline.config.schema import DataConfig
+from coreml_pipeline.families.sentence_embedding import SentenceEmbeddingConfig, encode, sts_spearman
 from coreml_pipeline.families.stsb import eval_pairs, load_pairs
 from coreml_pipeline.model import load_float_model, load_tokenizer
 
@@ -22,7 +22,7 @@ def test_stsb_splits_load_through_datasets(monkeypatch):
 
 def test_float_model_reproduces_published_stsb_spearman(monkeypatch):
     monkeypatch.chdir(ROOT)
-    model_cfg = ModelConfig()  # mean pooling, max_length 128
+    model_cfg = SentenceEmbeddingConfig()  # mean pooling, max_length 128
     pairs = eval_pairs(DataConfig())
     embeddings = encode(load_float_model(model_cfg), load_tokenizer(model_cfg), pairs.sentences(), model_cfg)
     assert sts_spearman(embeddings, pairs) == pytest.approx(82.03, abs=0.005)

@@ -9,7 +9,7 @@ import torch
 from test_compression import pair_batches, token_batches
 
 from coreml_pipeline.config.schema import ConfigError, PalettizeConfig, PruneConfig
-from coreml_pipeline.families.embedding import cosine_loss
+from coreml_pipeline.families.sentence_embedding import cosine_loss
 from coreml_pipeline.model import COREML_PREFIX, compressible_weights
 from coreml_pipeline.techniques.calibrate import sensitivity
 from coreml_pipeline.techniques.palettize import keep_pruned_zeros, layer_n_bits, palettize, run, zeros_kept

@@ -17,13 +17,12 @@ from test_compression import pair_batches, token_batches
 from coreml_pipeline import families
 from coreml_pipeline.config.schema import (
     ConvertConfig,
-    ModelConfig,
     PalettizeConfig,
     PruneConfig,
     QuantizeConfig,
 )
 from coreml_pipeline.coreml import convert
-from coreml_pipeline.families.embedding import cosine_loss
+from coreml_pipeline.families.sentence_embedding import SentenceEmbeddingConfig, cosine_loss
 from coreml_pipeline.model import compressible_weights
 from coreml_pipeline.techniques import palettize, quantize
 from coreml_pipeline.techniques.calibrate import sensitivity
@@ -101,7 +100,7 @@ def test_technique_converts_to_its_constexpr_ops_and_reads_back_exactly(name, ti
     if quantize_cfg is not None:
         model = quantize.run(model, quantize_cfg, token_batches(4))
 
-    report = convert.convert_and_check(model, families.get(ModelConfig()), ConvertConfig(seq_len=16), tmp_path / "m.mlpackage",
+    report = convert.convert_and_check(model, families.get(SentenceEmbeddingConfig()), ConvertConfig(seq_len=16), tmp_path / "m.mlpackage",
                                        convert.runtime.log, provenance={})
     assert report["max_abs_diff"] <= 6e-8
     linear = [f"{n}.weight" for n, m in compressible_weights(model) if isinstance(m, torch.nn.Linear)]

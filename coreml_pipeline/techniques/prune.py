@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from coreml_pipeline.config.schema import PruneConfig
-from coreml_pipeline.families.embedding import BERT_BLOCKS
+from coreml_pipeline.model import BERT_BLOCKS
 from coreml_pipeline.techniques.methods import prune as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.registry import get
 

@@ -8,8 +8,7 @@ import torch
 
 from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import QuantizeConfig
-from coreml_pipeline.families.embedding import BERT_BLOCKS
-from coreml_pipeline.model import QUANTIZATION, compressible_weights, compression_types
+from coreml_pipeline.model import BERT_BLOCKS, QUANTIZATION, compressible_weights, compression_types
 from coreml_pipeline.techniques.methods import quantize as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.precision import expand_blocks, round_like_package, warn_lost_rows
 from coreml_pipeline.techniques.registry import get

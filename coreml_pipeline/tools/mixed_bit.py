@@ -51,7 +51,7 @@ from safetensors.torch import load_file
 from coreml_pipeline import numerics, runtime, validation
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import PALETTE_BITS, ConfigError, PalettizeConfig
-from coreml_pipeline.families.embedding import encode, sts_spearman
+from coreml_pipeline.families.sentence_embedding import encode, sts_spearman
 from coreml_pipeline.families.stsb import Pairs, load_pairs
 from coreml_pipeline.model import load_tokenizer, load_weights
 from coreml_pipeline.techniques.palettize import layer_n_bits, palettized_layers

@@ -2,7 +2,9 @@
 
 A stage's code dependencies are its script plus every project module it can
 import, transitively, including imports inside functions and modules named in
-strings (the family registry imports its families by name). DVC reruns a stage
+strings, and every module of a package that lists its own modules
+(`pkgutil.iter_modules(__path__)`: the family registry imports the family a
+config names, and all of them to say what is allowed). DVC reruns a stage
 when a dependency changes, so a module missing from `deps` lets a stale output
 pass as current, and an extra one reruns a stage for nothing.
 
@@ -63,6 +65,10 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
             names.update(f"{base}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_NAME.match(node.value):
             names.add(node.value)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "iter_modules"
+              and any(isinstance(arg, ast.Name) and arg.id == "__path__" for arg in node.args)):
+            names.update(f"{package}.{module.stem}" for module in path.parent.glob("*.py")
+                         if module.name != "__init__.py")
     return {name for name in names if name.split(".")[0] in PACKAGES and module_file(name, root)}
 
 

@@ -8,24 +8,54 @@ the Family interface like every other family."""
 
 from __future__ import annotations
 
+import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from coreml_pipeline import runtime
-from coreml_pipeline.config.schema import DataConfig, EvaluateConfig, ModelConfig
+from coreml_pipeline.config.schema import (
+    DataConfig,
+    EvaluateConfig,
+    ModelConfig,
+    check_choice,
+    check_positive_int,
+    fail,
+)
 from coreml_pipeline.evaluation import layer_table, size_metrics
+from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family, Scores
-from coreml_pipeline.families.stsb import Pairs, calibration_pairs, eval_pairs
-from coreml_pipeline.model import load_tokenizer, resolve_source
+from coreml_pipeline.families.stsb import Pairs, calibration_pairs, eval_pairs, load_pairs
+from coreml_pipeline.model import BERT_BLOCKS, load_tokenizer, resolve_source
+
+POOLINGS = ("mean",)
 
 
+@dataclass
+class SentenceEmbeddingConfig(ModelConfig):
+    family: str = "sentence_embedding"
+    # Tokens per sentence.
+    max_length: int = 128
+    pooling: str = "mean"
+    normalize: bool = True
+
+    def check(self, prefix: str = "model") -> None:
+        super().check(prefix)
+        check_positive_int(f"{prefix}.max_length", self.max_length)
+        if self.max_length > 512:
+            fail(f"{prefix}.max_length", self.max_length, "allowed: 1..512 (BERT position embeddings)")
+        check_choice(f"{prefix}.pooling", self.pooling, POOLINGS)
+
+
+@register
 class SentenceEmbedding(Family):
     name = "sentence_embedding"
+    config = SentenceEmbeddingConfig
+    data_formats = ("stsb",)
     prefix = "bert"
     output_name = "embedding"
     block_stack = True
@@ -45,6 +75,14 @@ class SentenceEmbedding(Family):
 
     def loss(self, module: torch.nn.Module, sample: dict) -> torch.Tensor:
         return cosine_loss(module, sample)
+
+    def train_batches(self, batch_size: int, steps: int, seed: int):
+        """Pairs of the STS-B train split (data.train_file), tokenized per mini-batch."""
+        pairs = load_pairs(self.data, self.data.train_file)
+        return pair_training_batches(pairs, load_tokenizer(self.cfg), self.cfg.max_length, batch_size, steps, seed)
+
+    def train_loss(self, module: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return mean_cosine_loss(module, batch)
 
     def layerwise_blocks(self, module: torch.nn.Module) -> str:
         return BERT_BLOCKS
@@ -105,10 +143,6 @@ class SentenceEmbedding(Family):
         }
 
 
-# BertModel's repeated blocks: what coremltools' LayerwiseCompressor (SparseGPT, GPTQ) walks.
-BERT_BLOCKS = r"encoder\.layer\.\d+"
-
-
 def load_bert(cfg: ModelConfig) -> torch.nn.Module:
     from transformers import BertModel
 
@@ -167,6 +201,21 @@ def pair_batches(pairs: Pairs, tokenizer, max_length: int) -> list[dict[str, tor
     return batches
 
 
+def pair_training_batches(pairs: Pairs, tokenizer, max_length: int, batch_size: int, steps: int, seed: int):
+    """``steps`` shuffled mini-batches of pairs (epochs repeat as needed)."""
+    order: list[int] = []
+    rng = random.Random(seed)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            epoch = list(range(len(pairs)))
+            rng.shuffle(epoch)
+            order += epoch
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield {"a": tokenize(tokenizer, [pairs.sentence1[i] for i in chosen], max_length),
+               "b": tokenize(tokenizer, [pairs.sentence2[i] for i in chosen], max_length),
+               "label": torch.tensor([pairs.scores[i] / 5.0 for i in chosen])}
+
+
 def cosine_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     def embed(tokens):
         hidden = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
@@ -174,6 +223,11 @@ def cosine_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
     cosine = (embed(batch["a"]) * embed(batch["b"])).sum(-1)
     return ((cosine - batch["label"]) ** 2).sum()
+
+
+def mean_cosine_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The calibration loss averaged over a batch of pairs: what fine-tuning minimises."""
+    return cosine_loss(model, batch) / len(batch["label"])
 
 
 def pair_similarities(embeddings: torch.Tensor, num_pairs: int) -> np.ndarray:
@@ -184,10 +238,14 @@ def pair_similarities(embeddings: torch.Tensor, num_pairs: int) -> np.ndarray:
 
 def sts_spearman(embeddings: torch.Tensor, pairs: Pairs) -> float:
     """STS-B score: Spearman x100 between pair cosines and the human scores."""
+    from scipy.stats import spearmanr  # scipy.stats takes seconds to import; only scoring needs it
+
     return float(spearmanr(pair_similarities(embeddings, len(pairs)), pairs.scores).statistic * 100)
 
 
 def fidelity(compressed: torch.Tensor, reference: torch.Tensor, num_pairs: int) -> dict[str, float]:
+    from scipy.stats import spearmanr
+
     cosine = torch.nn.functional.cosine_similarity(compressed, reference, dim=-1)
     similarity_rho = spearmanr(pair_similarities(compressed, num_pairs), pair_similarities(reference, num_pairs))
     return {
