@@ -19,10 +19,8 @@ setup: $(VENV)/.installed
 repro: setup
 	dvc repro
 
-# Two worker processes, each test file whole on one (its module fixtures built once): the end-to-end
-# tests spend half their time in process starts, imports and DVC bookkeeping on one core.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest
 
 params: setup
 	$(PY) -m coreml_pipeline.tools.params
