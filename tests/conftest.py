@@ -84,7 +84,7 @@ def make_project_copy(dest: Path, overrides: list[str]) -> Path:
             shutil.copytree(src, target, ignore=shutil.ignore_patterns("*.pyc"))
         else:
             shutil.copy2(src, target)
-    (dest / ".gitignore").write_text("/artifacts/\n*.partial.*\n")
+    (dest / ".gitignore").write_text("/artifacts/\n*.partial.*\n__pycache__/\n")
     run([sys.executable, "-m", "coreml_pipeline.tools.params", *overrides], dest)
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
