@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import run
 from tiny_families import REDUCED, ROOT
 
 from coreml_pipeline import families
@@ -63,7 +64,11 @@ class ToyMLPConfig(ModelConfig):
     width: int = 32
 
     def check(self, prefix: str = "model") -> None:
-        check_positive_int(f"{prefix}.width", self.width)  # no source: the network is built here
+        super().check(prefix)
+        check_positive_int(f"{prefix}.width", self.width)
+
+    def check_source(self, prefix: str) -> None:
+        """None to check: the network is built here."""
 
 
 class Wrapped(torch.nn.Module):
@@ -162,15 +167,9 @@ def test_an_override_hydra_cannot_apply_is_one_line(tmp_path):
                                           r"not override 'model.image_size'. To append to your config use "
                                           r"\+model.image_size=224$"):
         compose_text(["model.image_size=224"])
-    out = run_params(["model=nope"], tmp_path)
+    out = run([sys.executable, "-m", "coreml_pipeline.tools.params", "--params", str(tmp_path / "p.yaml"), "model=nope"],
+              ROOT, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "config error: overrides 'model=nope' do not compose: In 'config': Could not find 'model/nope' Available "
         "options in 'model': causal_lm custom image_classifier minilm sd_unet sdxl"]
-
-
-def run_params(overrides, tmp_path):
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.params", "--params", str(tmp_path / "p.yaml"),
-                           *overrides], cwd=ROOT, capture_output=True, text=True)

@@ -59,6 +59,12 @@ def check_fraction(key: str, value: float) -> None:
         fail(key, value, "allowed: a number in [0, 1)")
 
 
+def check_state_dict_file(key: str, path: Optional[str]) -> None:
+    """null, or a state dict file that exists (what model.weights names)."""
+    if path is not None and not Path(path).expanduser().is_file():
+        fail(key, path, "allowed: null or an existing .safetensors/.pt file")
+
+
 def check_import_path(key: str, spec: Any) -> None:
     """A {_target_: module.attr, ...} mapping whose target can be imported (not called yet)."""
     import importlib

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from coreml_pipeline.config.schema import DEVICES, ModelConfig, check_choice, check_import_path, fail
+from coreml_pipeline.config.schema import ModelConfig, check_import_path, check_state_dict_file, fail
 from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family, probe_loss
 
@@ -62,13 +62,15 @@ class CustomConfig(ModelConfig):
     weights: Optional[str] = None
 
     def check(self, prefix: str = "model") -> None:
-        check_choice(f"{prefix}.device", self.device, DEVICES)
+        super().check(prefix)
         for key in ("module", "example_inputs"):
             if getattr(self, key) is None:
                 fail(f"{prefix}.{key}", None, "allowed with model.family=custom: {_target_: import.path, ...}")
             check_import_path(f"{prefix}.{key}", getattr(self, key))
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            fail(f"{prefix}.weights", self.weights, "allowed: null or an existing .safetensors/.pt file")
+        check_state_dict_file(f"{prefix}.weights", self.weights)
+
+    def check_source(self, prefix: str) -> None:
+        """None to check: the network is model.module."""
 
 
 @register

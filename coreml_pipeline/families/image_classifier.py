@@ -8,13 +8,12 @@ model's class names (or class indices), accuracy."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, List, Optional
 
 import numpy as np
 import torch
 
-from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int, fail
+from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int, check_state_dict_file, fail
 from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family
 
@@ -41,8 +40,7 @@ class ImageClassifierConfig(ModelConfig):
         for key in ("mean", "std"):
             if len(getattr(self, key)) != 3:
                 fail(f"{prefix}.{key}", list(getattr(self, key)), "allowed: three numbers (R, G, B)")
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            fail(f"{prefix}.weights", self.weights, "allowed: null or an existing .safetensors/.pt file")
+        check_state_dict_file(f"{prefix}.weights", self.weights)
 
 
 class Logits(torch.nn.Module):
