@@ -18,9 +18,11 @@ from coreml_pipeline.config.schema import ConfigError, RuntimeConfig
 log = logging.getLogger("pipeline")
 
 
-def setup(stage: str, seed: int = 0, numerics: RuntimeConfig | None = None) -> logging.Logger:
+def setup(stage: str, seed: int = 0, numerics: RuntimeConfig | None = None, compute: bool = True) -> logging.Logger:
     """Pin the CPU code paths (``numerics``: the runtime section; before any torch operation),
     quiet third-party chatter, seed every generator, and return the stage's logger.
+    ``compute=False``: logging only, for a stage that may pass its input through; it calls
+    prepare_compute itself before any torch work.
 
     Each stage logs ``stage=<name> start`` once per execution, so sweeps can count
     which stages really ran and which DVC restored from its cache.
@@ -34,6 +36,15 @@ def setup(stage: str, seed: int = 0, numerics: RuntimeConfig | None = None) -> l
     warnings.filterwarnings("ignore", module="coremltools")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if compute:
+        prepare_compute(seed, numerics)
+    logger = logging.getLogger(f"pipeline.{stage}")
+    logger.info("stage=%s start", stage)
+    return logger
+
+
+def prepare_compute(seed: int = 0, numerics: RuntimeConfig | None = None) -> None:
+    """What a stage needs before torch computes: the pinned CPU code paths, quiet transformers, seeds."""
     import numpy as np
     import torch
     from transformers.utils import logging as hf_logging
@@ -44,9 +55,13 @@ def setup(stage: str, seed: int = 0, numerics: RuntimeConfig | None = None) -> l
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    logger = logging.getLogger(f"pipeline.{stage}")
-    logger.info("stage=%s start", stage)
-    return logger
+
+
+def warn_if_capped(logger: logging.Logger, key: str, requested: int | None, used: int, what: str) -> None:
+    """One warning line when the data held fewer samples than a count asked for (never a silent clamp);
+    the stage's log and, where it writes metrics, its metrics carry the number used."""
+    if requested is not None and used < requested:
+        logger.warning("%s=%d: %s holds only %d; using %d", key, requested, what, used, used)
 
 
 @contextmanager

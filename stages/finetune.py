@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from coreml_pipeline import families, runtime
+from coreml_pipeline import runtime
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import FinetuneConfig
-from coreml_pipeline.families.base import to_device, torch_device
-from coreml_pipeline.model import load_weights, save_weights
 from coreml_pipeline.techniques import registry
-from coreml_pipeline.techniques.finetune import train
+from coreml_pipeline.techniques.methods import finetune as _registers_finetune_methods  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "finetune", "runtime"), args.params)
     cfg: FinetuneConfig = params["finetune"]
-    log = runtime.setup("finetune", cfg.seed, params["runtime"])
+    log = runtime.setup("finetune", compute=False)  # a pass-through needs no torch
 
     out = Path(args.out)
     registry.method("finetune", cfg)  # its own checks, before any data or weights load
@@ -51,6 +49,13 @@ def main(argv: list[str] | None = None) -> None:
         runtime.pass_through(args.weights, out)
         log.info("finetune.method is none: %s passes through", args.weights)
         return
+    # Imported here: a pass-through (the default) costs no torch or transformers import (about 3 s).
+    runtime.prepare_compute(cfg.seed, params["runtime"])
+    from coreml_pipeline import families
+    from coreml_pipeline.families.base import to_device, torch_device
+    from coreml_pipeline.model import load_weights, save_weights
+    from coreml_pipeline.techniques.finetune import train
+
     model_cfg = params["model"]
     family = families.get(model_cfg, params["data"])
     data = family.train_batches(cfg.batch_size, cfg.steps, cfg.seed)

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-from coreml_pipeline import families, runtime
+from coreml_pipeline import runtime
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import QuantizeConfig
-from coreml_pipeline.families.base import torch_device
-from coreml_pipeline.model import load_weights, save_weights
 from coreml_pipeline.techniques import registry
-from coreml_pipeline.techniques.quantize import run
+from coreml_pipeline.techniques.methods import quantize as _registers_quantize_methods  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,13 +30,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "quantize", "runtime"), args.params)
     cfg: QuantizeConfig = params["quantize"]
-    log = runtime.setup("quantize", numerics=params["runtime"])
+    log = runtime.setup("quantize", compute=False)  # a pass-through needs no torch
     registry.method("quantize", cfg)  # its own checks, before the weights load
 
     if cfg.method == "none":
         runtime.pass_through(args.weights, args.out)
         log.info("quantize.method is none: %s passes through", args.weights)
         return
+    # Imported here: a pass-through (the default) costs no torch or transformers import (about 3 s).
+    runtime.prepare_compute(0, params["runtime"])
+    from coreml_pipeline import families
+    from coreml_pipeline.families.base import torch_device
+    from coreml_pipeline.model import load_weights, save_weights
+    from coreml_pipeline.techniques.quantize import run
+
     model = load_weights(params["model"], args.weights)
     device = torch_device(params["model"])
     family = families.get(params["model"], params["data"])
