@@ -160,9 +160,11 @@ def test_other_families_are_ranked_and_charted_by_their_own_quality(tmp_path, mo
     assert sweep.objective("quality", lm(5, 0.93, True)) == pytest.approx(0.93)
     assert sweep.objective("size_and_quality", lm(5, 0.93, True)) == [pytest.approx(5.0), pytest.approx(0.93)]
     assert sweep.objective("quality", None) == -sweep.PENALTY
-    rows = [{"name": f"lm-{i}", "rev": f"r{i}", "kind": "experiment", "params": {"palettize.n_bits": bits},
-             "metrics": lm(mb, agreement, agreement >= 0.9)}
+    rows = [{"name": f"lm-{i}", "rev": f"r{i}", "kind": "experiment",
+             "params": {"model.family": "causal_lm", "palettize.n_bits": bits}, "metrics": lm(mb, agreement, agreement >= 0.9)}
             for i, (bits, mb, agreement) in enumerate([(4, 10, 0.95), (2, 5, 0.7), (3, 8, 0.6)])]
+    rows.append({"name": "workspace", "rev": "workspace", "kind": "workspace",
+                 "params": {"model.family": "causal_lm", "palettize.n_bits": 4}, "metrics": None})
     monkeypatch.setattr(report.experiments, "experiments", lambda cwd=None, all_commits=False: rows)
     report.report(tmp_path)
     table = (tmp_path / "experiments.md").read_text().splitlines()
@@ -170,3 +172,41 @@ def test_other_families_are_ranked_and_charted_by_their_own_quality(tmp_path, mo
     assert [line.split(" | ")[1] for line in table[2:]] == ["lm-1", "lm-2", "lm-0"]
     assert table[2].endswith("| no | * |") and table[3].endswith("| no |  |") and table[4].endswith("| yes | * |")
     assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_takes_one_model_family_at_a_time(tmp_path, monkeypatch, capsys):
+    """A sweep of the sentence embedder and one experiment of another family (`dvc exp run -S model=custom`):
+    the report charts the workspace's family and names the one left out, `--family` picks the other,
+    `--family all` writes one chart and table per family, and an unknown family is one line."""
+    custom = {"package_bytes": 3_000_000, "size_ratio": 0.5, "quality": 41.0, "psnr_db": 41.0, "meets_target": True}
+    rows = [{"name": "workspace", "rev": "workspace", "kind": "workspace", "params": {"palettize.n_bits": 4},
+             "metrics": metrics(11.6, 82.3, 0.972, True)},
+            {"name": "sweep-a", "rev": "r1", "kind": "experiment", "params": {"palettize.group_size": 8},
+             "metrics": metrics(11.5, 82.2, 0.969, False)},
+            {"name": "sweep-b", "rev": "r2", "kind": "experiment", "params": {"palettize.group_size": 32},
+             "metrics": metrics(11.4, 82.1, 0.960, False)},
+            {"name": "exp-custom", "rev": "r3", "kind": "experiment",
+             "params": {"model.family": "custom", "palettize.n_bits": 4}, "metrics": custom}]
+    monkeypatch.setattr(report.experiments, "experiments", lambda cwd=None, all_commits=False: rows)
+
+    report.main(["--out", str(tmp_path / "default")])
+    printed = capsys.readouterr().out
+    table = (tmp_path / "default/experiments.md").read_text()
+    assert "sweep-a" in table and "sweep-b" in table and "exp-custom" not in table and "STS-B" in table
+    assert "left out 1 experiment(s) of other model families (custom): --family custom or --family all" in printed
+
+    report.main(["--out", str(tmp_path / "custom"), "--family", "custom"])
+    table = (tmp_path / "custom/experiments.md").read_text()
+    assert "exp-custom" in table and "output PSNR (dB) against float" in table and "sweep-a" not in table
+    assert "left out 2 experiment(s) of other model families (sentence_embedding)" in capsys.readouterr().out
+
+    report.main(["--out", str(tmp_path / "all"), "--family", "all"])
+    assert "left out" not in capsys.readouterr().out
+    for family, name in (("sentence_embedding", "sweep-a"), ("custom", "exp-custom")):
+        assert name in (tmp_path / "all" / family / "experiments.md").read_text()
+        assert (tmp_path / "all" / family / "pareto.png").read_bytes().startswith(b"\x89PNG")
+
+    with pytest.raises(SystemExit) as stop:
+        report.main(["--out", str(tmp_path / "none"), "--family", "causal_lm"])
+    assert str(stop.value) == ("report: no experiment of model family 'causal_lm'; experiments by family: custom (1), "
+                               "sentence_embedding (2); choose one with --family NAME, or --family all")

@@ -2,12 +2,17 @@
 
     python -m coreml_pipeline.tools.report                 # every experiment of `dvc exp show`
     python -m coreml_pipeline.tools.report --out reports --names sweep-1a2b3c4d sweep-5e6f7a8b
+    python -m coreml_pipeline.tools.report --family all      # one chart and table per model family
 
 Reads `dvc exp show --json` (experiments, the workspace and the commit they
 branch from), writes `<out>/pareto.png` (package MB against STS-B Spearman and
 against mean cosine fidelity, or another model family's headline quality; points numbered by size, Pareto-optimal ones in
 red with a key naming the settings that differ from the commit's) and
 `<out>/experiments.md`.
+One model family at a time (quality means another thing for each, and one
+Pareto front over all of them means nothing): the workspace's family by
+default, `--family NAME` for another, `--family all` for one chart and table
+per family (`<out>/<family>/`).
 For a per-experiment comparison in DVC itself: `dvc plots diff <exp> <exp>`
 (the `size_vs_*` plots of dvc.yaml, one point per experiment).
 """
@@ -67,17 +72,28 @@ def axes_of(metrics: dict) -> list[tuple[str, str]]:
     return axes
 
 
+DEFAULT_FAMILY = "sentence_embedding"  # what a params.yaml without model.family means (the schema's default)
+
+
+def family_of(row: dict) -> str:
+    return row["params"].get("model.family", DEFAULT_FAMILY)
+
+
 def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
-            all_commits: bool = False) -> list[dict]:
-    """Experiment rows with metrics, each distinct result once, labelled against HEAD's params."""
+            all_commits: bool = False) -> tuple[list[dict], str]:
+    """Experiment rows with metrics, each distinct result once, labelled against HEAD's params,
+    each with its model family; and the workspace's family."""
     rows = experiments.experiments(cwd, all_commits)
     reference = next((r["params"] for r in rows if r["kind"] == "baseline"), {})
+    workspace = next((r for r in rows if r["kind"] == "workspace"), None)
+    workspace_family = family_of(workspace) if workspace else reference.get("model.family", DEFAULT_FAMILY)
     seen, chosen = set(), []
     for row in rows:
         if names and row["name"] not in names:
             continue
         if row["metrics"] is None or row["kind"] == "workspace":
             continue  # the workspace repeats the commit or an applied experiment
+        row["family"] = family_of(row)
         # The same recipe again (an experiment of the commit's own config, or the
         # same run under several commits: provenance moves the size by a byte or two).
         m = row["metrics"]
@@ -88,7 +104,7 @@ def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
         seen.update((row["rev"], recipe, result))
         row["label"] = recipe_label(row["params"], reference)
         chosen.append(row)
-    return chosen
+    return chosen, workspace_family
 
 
 def by_size(rows: list[dict]) -> list[dict]:
@@ -166,15 +182,40 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def report(out: Path, names: list[str] | None = None, cwd: Path = experiments.ROOT,
-           all_commits: bool = False) -> list[dict]:
-    rows = collect(names, cwd, all_commits)
-    if not rows:
-        raise SystemExit("no experiment with metrics: run `dvc exp run` or `python -m coreml_pipeline.tools.sweep -m ...` first")
+def by_family(rows: list[dict]) -> dict[str, list[dict]]:
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(row["family"], []).append(row)
+    return families
+
+
+def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiments.md").write_text(table(rows), encoding="utf-8")
     chart(rows, out / "pareto.png")
-    return rows
+
+
+def report(out: Path, names: list[str] | None = None, cwd: Path = experiments.ROOT,
+           all_commits: bool = False, family: str | None = None) -> dict[str, list[dict]]:
+    """Writes the chart and table of one family (``family``; None: the workspace's) to ``out``,
+    or of every family to ``out/<family>/`` (``family="all"``). Returns the rows written, by family;
+    rows of the families left out are in the result under ``"left out"``."""
+    rows, workspace_family = collect(names, cwd, all_commits)
+    if not rows:
+        raise SystemExit("no experiment with metrics: run `dvc exp run` or `python -m coreml_pipeline.tools.sweep -m ...` first")
+    families = by_family(rows)
+    if family == "all":
+        for name, members in families.items():
+            write(members, out / name)
+        return families
+    family = family or workspace_family
+    if family not in families:
+        have = ", ".join(f"{name} ({len(members)})" for name, members in sorted(families.items()))
+        raise SystemExit(f"report: no experiment of model family {family!r}; experiments by family: {have}; "
+                         "choose one with --family NAME, or --family all")
+    write(families[family], out)
+    left_out = [row for name, members in families.items() if name != family for row in members]
+    return {family: families[family], "left out": left_out}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,10 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports", help="folder for pareto.png and experiments.md")
     parser.add_argument("--names", nargs="*", help="only these experiments (default: all)")
     parser.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
+    parser.add_argument("--family", help="the model family to report (default: the workspace's); "
+                        "all: one chart and table per family, in <out>/<family>/")
     args = parser.parse_args(argv)
-    rows = report(Path(args.out), args.names, all_commits=args.all_commits)
-    print(f"{len(rows)} experiments -> {args.out}/pareto.png, {args.out}/experiments.md")
-    print((Path(args.out) / "experiments.md").read_text(encoding="utf-8"))
+    written = report(Path(args.out), args.names, all_commits=args.all_commits, family=args.family)
+    left_out = written.pop("left out", [])
+    for family, rows in written.items():
+        folder = Path(args.out) if args.family != "all" else Path(args.out) / family
+        print(f"{family}: {len(rows)} experiments -> {folder}/pareto.png, {folder}/experiments.md")
+        print((folder / "experiments.md").read_text(encoding="utf-8"))
+    if left_out:
+        others = sorted({row["family"] for row in left_out})
+        print(f"left out {len(left_out)} experiment(s) of other model families ({', '.join(others)}): "
+              f"--family {others[0]} or --family all")
 
 
 if __name__ == "__main__":
