@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     network = family.load_float()
     device = torch_device(params["model"])
     reference, quality, counts = family.float_reference(network, params["evaluate"], device, log)
+    runtime.warn_if_capped(log, "data.eval_max_pairs", params["data"].eval_max_pairs, next(iter(counts.values())),
+                           "the evaluation split")
     # What made the float package: the model, conversion and numerics, on this platform.
     platform = numerics.fingerprint(params["runtime"].numerics, device)
     record = provenance.collect({name: params[name] for name in ("model", "convert", "runtime")}, [],

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     family = families.get(params["model"], params["data"])
     device = torch_device(params["model"])
     batches = [to_device(batch, device) for batch in family.calibration_samples(cfg.num_samples, cfg.seed)]
+    runtime.warn_if_capped(log, "calibrate.num_samples", cfg.num_samples, len(batches),
+                           f"the calibration split (data.calibration_file={params['data'].calibration_file})")
     model = load_weights(params["model"], args.weights).to(device)
     with runtime.timed(log, f"sensitivity from {len(batches)} samples on {device}"):
         values = sensitivity(model, batches, family.loss)

@@ -16,7 +16,11 @@ import logging
 
 import torch
 
+from coreml_pipeline.runtime import warn_if_capped
+
 log = logging.getLogger("pipeline.layerwise")
+# The count each algorithm's samples come from, named in the warning when the data holds fewer.
+NUM_SAMPLES_KEY = {"sparse_gpt": "prune.num_samples", "gptq": "quantize.num_samples"}
 # Linear and Conv2d: the layers coremltools' OBS algorithms handle.
 LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
 # Hessians (columns^2 float32 each) held at once: one group of layers per forward pass over the samples.
@@ -99,7 +103,10 @@ def compress(model: torch.nn.Module, algorithm: str, options: dict, num_samples:
     samples, or layer by layer (compress_each_layer) on its calibration samples when it has none;
     without a family, over ``blocks`` on ``samples``."""
     if family is not None and not family.block_stack:
-        return compress_each_layer(model, algorithm, options, family, family.calibration_samples(num_samples, 0), device)
+        samples = family.calibration_samples(num_samples, 0)
+        warn_if_capped(log, NUM_SAMPLES_KEY[algorithm], num_samples, len(samples), "the calibration split")
+        return compress_each_layer(model, algorithm, options, family, samples, device)
     if family is not None:
         samples, blocks = family.layerwise_samples(num_samples), family.layerwise_blocks(model)
+        warn_if_capped(log, NUM_SAMPLES_KEY[algorithm], num_samples, len(samples), "the calibration split")
     return compress_blocks(model, algorithm, options, samples or [], blocks, device)
