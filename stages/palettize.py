@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_weights(params["model"], args.weights)
     sensitivity = load_file(args.sensitivity) if method.needs_sensitivity else None
     mixed = f" ({len(cfg.layer_bits)} layer_bits patterns)" if cfg.layer_bits else ""
-    with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits}{mixed} {cfg.granularity}"):
+    solver = f" solver={method.solver(cfg)}" if method.kmeans else ""  # kmeans_solver=auto resolved
+    with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits}{mixed} {cfg.granularity}{solver}"):
         model = run(model, cfg, sensitivity, log)
     save_weights(model, args.out)
     log.info("wrote %s", args.out)

@@ -76,7 +76,8 @@ def test_sensitivity_equals_skm_palettizers_own(tiny_bert, tmp_path):
 @pytest.mark.parametrize("method", ["kmeans", "sensitive_kmeans"])
 def test_grouped_palettization_includes_the_word_embedding(tiny_bert, method):
     # 1000 rows do not divide by 16: coremltools alone would skip the word embedding.
-    cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16, num_kmeans_workers=1)
+    cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16,
+                          num_kmeans_workers=1, kmeans_solver="coremltools")
     model = tiny_bert()
     values = sensitivity(model, pair_batches(2), cosine_loss) if method == "sensitive_kmeans" else None
     model = palettize(model, cfg, values)
@@ -89,7 +90,8 @@ def test_grouped_palettization_includes_the_word_embedding(tiny_bert, method):
 
 
 def test_embeddings_can_keep_their_own_bits_or_stay_float(tiny_bert):
-    cfg = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_tensor", group_size=None, num_kmeans_workers=1,
+    cfg = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_tensor", group_size=None,
+                          num_kmeans_workers=1, kmeans_solver="coremltools",
                           embeddings=EmbeddingPaletteConfig(n_bits=4))
     model = palettize(tiny_bert(), cfg)
     assert getattr(model.get_submodule("embeddings.word_embeddings"), f"{COREML_PREFIX}/weight/lut").shape[-2] == 16
@@ -100,7 +102,8 @@ def test_embeddings_can_keep_their_own_bits_or_stay_float(tiny_bert):
 
 
 def test_group_size_that_divides_nothing_fails_loudly(tiny_bert):
-    cfg = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_grouped_channel", group_size=48, num_kmeans_workers=1)
+    cfg = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_grouped_channel", group_size=48,
+                          num_kmeans_workers=1, kmeans_solver="coremltools")
     model = palettize(tiny_bert(), cfg)
     with pytest.raises(ValueError, match="palettize.group_size=48: coremltools left .* uncompressed"):
         check_all_palettized(model, cfg)
@@ -109,7 +112,8 @@ def test_group_size_that_divides_nothing_fails_loudly(tiny_bert):
 def test_magnitude_zeros_survive_palettization(tiny_bert):
     model = prune(tiny_bert(), PruneConfig(method="magnitude", target_sparsity=0.5))
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
-    cfg = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_tensor", group_size=None, num_kmeans_workers=1)
+    cfg = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_tensor", group_size=None,
+                          num_kmeans_workers=1, kmeans_solver="coremltools")
     model = palettize(model, cfg)
     kept, total = zeros_kept(before, model)
     assert total > 0 and kept == total
@@ -139,7 +143,8 @@ def test_sparse_gpt_zeros_survive_palettization(tiny_bert, method):
     model = prune(tiny_bert(), PruneConfig(method="sparse_gpt", target_sparsity=0.4), token_batches(4))
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
     values = sensitivity(model, pair_batches(2), cosine_loss) if method == "sensitive_kmeans" else None
-    cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16, num_kmeans_workers=1)
+    cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16,
+                          num_kmeans_workers=1, kmeans_solver="coremltools")
     model = palettize(model, cfg, values)
     assert keep_pruned_zeros(model, cfg, before, values) == 2 * 6  # every Linear of both layers
     kept, total = zeros_kept(before, model)

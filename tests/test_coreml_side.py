@@ -21,9 +21,10 @@ from coreml_pipeline.validation import check_combination
 
 NONE_PAL = PalettizeConfig(method="none")
 RECIPES = {
-    "kmeans-4bit-g16": (PruneConfig(), PalettizeConfig(method="kmeans", group_size=16, num_kmeans_workers=1),
+    "kmeans-4bit-g16": (PruneConfig(), PalettizeConfig(method="kmeans", group_size=16, num_kmeans_workers=1, kmeans_solver="coremltools"),
                         QuantizeConfig(), {"constexpr_lut_to_dense"}),
-    "skm-becomes-kmeans": (PruneConfig(), PalettizeConfig(group_size=16, num_kmeans_workers=1), QuantizeConfig(),
+    "skm-becomes-kmeans": (PruneConfig(), PalettizeConfig(group_size=16, num_kmeans_workers=1, kmeans_solver="coremltools"),
+                           QuantizeConfig(),
                            {"constexpr_lut_to_dense"}),
     "exact-dp-custom-lut-function": (PruneConfig(), PalettizeConfig(method="kmeans", group_size=16, num_kmeans_workers=1,
                                                                     kmeans_solver="exact_dp"), QuantizeConfig(),
@@ -33,7 +34,7 @@ RECIPES = {
     "int4-per-block": (PruneConfig(), NONE_PAL, QuantizeConfig(method="linear", dtype="int4", granularity="per_block",
                                                                block_size=32), {"constexpr_blockwise_shift_scale"}),
     "magnitude-kmeans": (PruneConfig(method="magnitude", target_sparsity=0.5),
-                         PalettizeConfig(method="kmeans", group_size=16, num_kmeans_workers=1), QuantizeConfig(),
+                         PalettizeConfig(method="kmeans", group_size=16, num_kmeans_workers=1, kmeans_solver="coremltools"), QuantizeConfig(),
                          {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense"}),
     "magnitude-int8": (PruneConfig(method="magnitude", target_sparsity=0.5), NONE_PAL, QuantizeConfig(method="linear"),
                        {"constexpr_sparse_blockwise_shift_scale", "constexpr_sparse_to_dense"}),

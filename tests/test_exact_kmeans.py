@@ -99,7 +99,8 @@ def tiny_model() -> torch.nn.Module:
 def test_exact_dp_registers_the_tables_skm_palettizer_would(tmp_path):
     """Positive importance everywhere: the optimum is unique, so the exact solver's
     weights, tables, compression types and metadata version equal SKMPalettizer's."""
-    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1)
+    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1,
+                          kmeans_solver="coremltools")
     generator = torch.Generator().manual_seed(0)
     model = tiny_model()
     sensitivity = {f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
@@ -116,7 +117,7 @@ def test_exact_dp_registers_the_tables_skm_palettizer_would(tmp_path):
 def test_exact_dp_data_free_error_is_never_above_coremltools():
     """Data-free, coremltools rounds weights to 4 decimals before its k-means
     (enable_fast_kmeans_mode); the exact solver clusters the weights themselves."""
-    cfg = PalettizeConfig(method="kmeans", n_bits=6, group_size=16, num_kmeans_workers=1)
+    cfg = PalettizeConfig(method="kmeans", n_bits=6, group_size=16, num_kmeans_workers=1, kmeans_solver="coremltools")
     original = tiny_model()
     reference = palettize.palettize(tiny_model(), cfg)
     exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp"))
@@ -132,7 +133,7 @@ def test_exact_dp_data_free_error_is_never_above_coremltools():
     ({"method": "uniform"}, "method=kmeans or sensitive_kmeans"),
     ({"cluster_dim": 2, "method": "kmeans"}, "cluster_dim=1 only"),
     ({"lut_dtype": "int8"}, "lut_dtype=None only"),
-    ({"kmeans_solver": "fast"}, "coremltools, exact_dp"),
+    ({"kmeans_solver": "fast"}, "auto, coremltools, exact_dp"),
 ])
 def test_exact_dp_refuses_what_it_does_not_compute(override, message):
     import yaml
@@ -144,3 +145,32 @@ def test_exact_dp_refuses_what_it_does_not_compute(override, message):
     with pytest.raises(ConfigError, match="palettize.kmeans_solver") as error:
         validate(params)
     assert message in str(error.value)
+
+
+def test_auto_runs_exact_dp_wherever_it_applies():
+    """kmeans_solver=auto (the default): exact_dp for k-means tables it computes, coremltools for vector
+    entries, quantized tables, per-channel scales and methods that are not k-means; a named solver is kept."""
+    import yaml
+
+    from coreml_pipeline.config.compose import compose_text
+    from coreml_pipeline.techniques import registry
+
+    params = validate(yaml.safe_load(compose_text([])))
+    default = params["palettize"]
+    assert default.kmeans_solver == "auto"
+    assert registry.get("palettize", default.method).solver(default) == "exact_dp"
+    kmeans = registry.get("palettize", "kmeans")
+    assert kmeans.solver(PalettizeConfig(method="kmeans")) == "exact_dp"
+    per_tensor = {"granularity": "per_tensor", "group_size": None}
+    for options in ({"lut_dtype": "int8"}, {"cluster_dim": 2, **per_tensor}, {"enable_per_channel_scale": True,
+                                                                                **per_tensor}):
+        assert kmeans.solver(PalettizeConfig(method="kmeans", **options)) == "coremltools", options
+    assert registry.get("palettize", "uniform").solver(PalettizeConfig(method="uniform")) == "coremltools"
+    assert kmeans.solver(PalettizeConfig(method="kmeans", kmeans_solver="coremltools")) == "coremltools"
+
+
+def test_auto_gives_exact_dps_weights():
+    cfg = PalettizeConfig(method="kmeans", n_bits=3, group_size=16, num_kmeans_workers=1)
+    auto = palettize.palettize(tiny_model(), cfg).state_dict()
+    exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp")).state_dict()
+    assert sorted(auto) == sorted(exact) and all(torch.equal(auto[k], exact[k]) for k in auto)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_compression import token_batches
 
@@ -26,9 +27,10 @@ def linear_layers(model):
     return [(n, m) for n, m in compressible_weights(model) if isinstance(m, torch.nn.Linear)]
 
 
-def test_dkm_learns_tables_that_the_palettize_stage_stores_exactly(tiny_bert):
+@pytest.mark.parametrize("solver", ["coremltools", "auto"])  # auto: exact_dp
+def test_dkm_learns_tables_that_the_palettize_stage_stores_exactly(tiny_bert, solver):
     pal = PalettizeConfig(method="kmeans", n_bits=2, granularity="per_grouped_channel", group_size=16,
-                          num_kmeans_workers=1)
+                          num_kmeans_workers=1, kmeans_solver=solver)
     cfg = FinetuneConfig(method="dkm", steps=3, learning_rate=1e-4, log_every=1, palettize=pal)
     model = train(tiny_bert(), cfg, random_batches(3), mean_cosine_loss, log)
     assert not any("/weight/" in k for k in model.state_dict() if COREML_PREFIX in k)  # DKM tables dropped

@@ -31,7 +31,7 @@ def lut_bits(model, name: str) -> int:
 
 def mixed_cfg(method: str, **extra) -> PalettizeConfig:
     return PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16,
-                           num_kmeans_workers=1, layer_bits=dict(MIXED), **extra)
+                           num_kmeans_workers=1, layer_bits=dict(MIXED), kmeans_solver="coremltools", **extra)
 
 
 @pytest.mark.parametrize("method", ["kmeans", "sensitive_kmeans", "uniform"])
@@ -73,7 +73,8 @@ def test_layer_bits_are_validated_before_any_work(tiny_bert):
         validate(section(layer_bits={"encoder.(": 4}), ("palettize",))
     with pytest.raises(ConfigError, match="palettize.layer_bits.*allowed: {} with method=none"):
         validate(section(method="none", layer_bits={"x": 4}), ("palettize",))
-    cfg = PalettizeConfig(method="kmeans", layer_bits={"decoder.layer.0": 4}, num_kmeans_workers=1)
+    cfg = PalettizeConfig(method="kmeans", layer_bits={"decoder.layer.0": 4}, num_kmeans_workers=1,
+                          kmeans_solver="coremltools")
     with pytest.raises(ValueError, match="palettize.layer_bits key 'decoder.layer.0' matches no palettized layer"):
         run(tiny_bert(), cfg)
 

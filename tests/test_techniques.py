@@ -37,7 +37,9 @@ OFF = PalettizeConfig(method="none")
 def pal(**options) -> PalettizeConfig:
     options.setdefault("granularity", "per_grouped_channel")
     options.setdefault("group_size", 16 if options["granularity"] == "per_grouped_channel" else None)
-    return PalettizeConfig(**{"method": "kmeans", "n_bits": 4, "num_kmeans_workers": 1, **options})
+    # coremltools' palettizers, as before kmeans_solver=auto; the exact_dp cases name it.
+    return PalettizeConfig(**{"method": "kmeans", "n_bits": 4, "num_kmeans_workers": 1, "kmeans_solver": "coremltools",
+                              **options})
 
 
 def quant(**options) -> QuantizeConfig:

@@ -21,7 +21,7 @@ PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 # none: weights pass through (e.g. for linear quantization instead).
 # uniform: evenly spaced look-up table between each group's min and max (coremltools' "uniform" mode).
-KMEANS_SOLVERS = ("coremltools", "exact_dp")
+KMEANS_SOLVERS = ("auto", "coremltools", "exact_dp")
 QUANTIZE_DTYPES = ("int8", "uint8", "int4", "uint4")
 QUANTIZE_SCHEMES = ("symmetric", "affine")
 QUANTIZE_GRANULARITIES = ("per_tensor", "per_channel", "per_block")
@@ -251,9 +251,11 @@ class PalettizeConfig(TensorPaletteConfig):
     # in conf/ so that a plain Hydra override `palettize.layer_bits={...}` can replace it.
     # `python -m coreml_pipeline.tools.mixed_bit` writes these.
     layer_bits: Optional[Dict[str, int]] = None
-    # Who computes the k-means look-up tables: coremltools (the reference), or exact_dp
-    # (coreml_pipeline/kmeans.py: the optimal 1-D k-means, several times faster; see README).
-    kmeans_solver: str = "coremltools"
+    # Who computes the k-means look-up tables: exact_dp (coreml_pipeline/kmeans.py: the optimal 1-D
+    # k-means, several times faster), coremltools (the reference), or auto: exact_dp wherever it
+    # applies, coremltools for what it does not compute (vector entries, quantized tables,
+    # per-channel scales). See docs/benchmarks.md.
+    kmeans_solver: str = "auto"
 
     def __post_init__(self) -> None:
         self.layer_bits = dict(self.layer_bits or {})

@@ -44,6 +44,8 @@ def plan(prune: PruneConfig, palettize: PalettizeConfig, quantize: QuantizeConfi
         # MagnitudePruner on the torch side prunes Linear and Conv layers only; so does this.
         steps.append(("prune", cto.prune_weights, cto.OptimizationConfig(
             op_type_configs={kind: cto.OpMagnitudePrunerConfig(**options) for kind in ("linear", "conv")})))
+    # Only a named exact_dp: with auto the Core ML side stays coremltools.optimize.coreml's own k-means,
+    # the comparison this stage is for.
     exact = palettize.method != "none" and palettize.kmeans_solver == "exact_dp"
     if exact:
         notes.append("palettize.kmeans_solver=exact_dp runs as coremltools' custom lut_function")

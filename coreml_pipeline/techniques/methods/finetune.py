@@ -52,9 +52,6 @@ class DKM(FinetuneMethod):
         palettize = sections.get("palettize")
         if palettize is not None and palettize.layer_bits:
             fail("finetune.method", self.name, "allowed with palettize.layer_bits={} only (DKM trains one bit width)")
-        if palettize is not None and palettize.kmeans_solver != "coremltools":
-            fail("palettize.kmeans_solver", palettize.kmeans_solver,
-                 "allowed with finetune.method=dkm: coremltools (DKM learns its own tables)")
 
     def prepare(self, model, cfg: FinetuneConfig):
         from coreml_pipeline.techniques.finetune import dkm_prepare

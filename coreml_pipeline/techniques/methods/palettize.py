@@ -6,6 +6,10 @@ from __future__ import annotations
 from coreml_pipeline.config.schema import PalettizeConfig, fail
 from coreml_pipeline.techniques.registry import Method, pruning_source, register
 
+# What exact_dp computes: scalar look-up entries in float tables without per-channel scales
+# (key, the one value it takes). coremltools' palettizers do the rest.
+EXACT_DP_ONLY_WITH = (("cluster_dim", 1), ("lut_dtype", None), ("enable_per_channel_scale", False))
+
 
 class PalettizeMethod(Method):
     section = "palettize"
@@ -14,17 +18,29 @@ class PalettizeMethod(Method):
     # Weighted by the calibrate stage's sensitivity (the palettize stage loads it).
     needs_sensitivity = False
 
-    def check(self, cfg: PalettizeConfig, prefix: str) -> None:
-        if cfg.kmeans_solver != "exact_dp":
-            return
+    def exact_dp_refusal(self, cfg: PalettizeConfig, prefix: str = "palettize") -> str | None:
+        """Why exact_dp cannot compute this section's tables (what is allowed instead), or None."""
         if not self.kmeans:
-            fail(f"{prefix}.kmeans_solver", cfg.kmeans_solver,
-                 f"allowed with method=kmeans or sensitive_kmeans (got method={cfg.method}): coremltools")
-        for key, value, default in (("cluster_dim", cfg.cluster_dim, 1), ("lut_dtype", cfg.lut_dtype, None),
-                                    ("enable_per_channel_scale", cfg.enable_per_channel_scale, False)):
-            if value != default:
-                fail(f"{prefix}.kmeans_solver", cfg.kmeans_solver,
-                     f"allowed with {prefix}.{key}={default} only (got {value}): use kmeans_solver=coremltools")
+            return f"allowed with method=kmeans or sensitive_kmeans (got method={cfg.method}): auto or coremltools"
+        for key, only in EXACT_DP_ONLY_WITH:
+            value = getattr(cfg, key)
+            if value != only:
+                return (f"allowed with {prefix}.{key}={only} only (got {value}): use kmeans_solver=auto "
+                        "(coremltools here) or coremltools")
+        return None
+
+    def solver(self, cfg: PalettizeConfig) -> str:
+        """The solver that computes the tables: kmeans_solver, with auto resolved to exact_dp wherever it
+        applies (the optimal tables, several times faster: docs/benchmarks.md) and coremltools elsewhere."""
+        if cfg.kmeans_solver != "auto":
+            return cfg.kmeans_solver
+        return "coremltools" if self.exact_dp_refusal(cfg) else "exact_dp"
+
+    def check(self, cfg: PalettizeConfig, prefix: str) -> None:
+        if cfg.kmeans_solver == "exact_dp":
+            refusal = self.exact_dp_refusal(cfg, prefix)
+            if refusal:
+                fail(f"{prefix}.kmeans_solver", cfg.kmeans_solver, refusal)
 
     def check_with(self, sections) -> None:
         palettize, quantize = sections["palettize"], sections.get("quantize")
@@ -70,7 +86,7 @@ class KMeans(PalettizeMethod):
         from coreml_pipeline.techniques.palettize import coremltools_kmeans, exact_palettize
 
         weights = sensitivity if self.needs_sensitivity else None
-        if cfg.kmeans_solver == "exact_dp":
+        if self.solver(cfg) == "exact_dp":
             return exact_palettize(model, cfg, weights)
         return coremltools_kmeans(model, cfg, weights)
 
