@@ -109,6 +109,13 @@ def compressible_weights(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn
             yield name, module
 
 
+def layer_shapes(model: torch.nn.Module) -> list[dict]:
+    """Name, kind (Linear, Conv2d, Embedding, ...) and weight shape of every compressible layer:
+    what validation checks shape-dependent options against (the inspect stage writes it)."""
+    return [{"name": name, "kind": type(module).__name__, "shape": list(module.weight.shape)}
+            for name, module in compressible_weights(model)]
+
+
 def compression_metadata(module: torch.nn.Module, key: str) -> torch.Tensor | None:
     """The ``_COREML_/weight/<key>`` metadata of ``module`` (lut, quantization_scale, ...), or None.
     The one reader; coreml_pipeline.coreml.private.register_compression is the one writer."""

@@ -7,6 +7,7 @@ it loads weights, so running one stage by hand is refused the same way."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from coreml_pipeline.config import schema
@@ -21,6 +22,65 @@ def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str,
     checked = schema.validate(params, sections)
     registry.check(checked)
     return checked
+
+
+def _palette_axis(layer: dict, pal: Any, group: int) -> int | None:
+    """The axis the palettize stage groups this layer along for ``group`` (techniques/palettize.py
+    channel_axis: embeddings along palettize.embeddings.channel_axis, other layers along output
+    channels, else input channels), or None when neither divides: coremltools would skip it."""
+    shape = layer["shape"]
+    if layer["kind"] == "Embedding":
+        axis = pal.embeddings.channel_axis
+        return axis if shape[axis] % group == 0 else None
+    return next((axis for axis in (0, 1) if shape[axis] % group == 0), None)
+
+
+def _block_fits(layer: dict, block: int) -> bool:
+    """Whether quantize.block_size blocks this layer's input channels: coremltools' torch quantizer
+    needs it to divide them and be smaller (else it skips the layer with a warning); the embedding
+    tables' block-wise quantizer needs it to divide their width."""
+    width = layer["shape"][1]
+    return width % block == 0 and (block < width or layer["kind"] == "Embedding")
+
+
+def _describe(layer: dict) -> str:
+    return f"{layer['name']} ({layer['kind']} {'x'.join(map(str, layer['shape']))})"
+
+
+def check_shapes(sections: dict[str, Any], layers: list[dict]) -> None:
+    """The options that depend on the model's shapes, against its layer table (the inspect stage's):
+    one ConfigError line naming the key, the value, the first layer it does not fit and what fits."""
+    pal, quant = sections.get("palettize"), sections.get("quantize")
+    if pal is not None and pal.method != "none":
+        palettized = [layer for layer in layers if pal.embeddings.enabled or layer["kind"] != "Embedding"]
+        names = [layer["name"] for layer in palettized]
+        for pattern in pal.layer_bits:
+            if not any(re.fullmatch(pattern, name) for name in names):
+                schema.fail("palettize.layer_bits", pattern,
+                            f"allowed: a regex matching palettized layer names such as {', '.join(names[:3])}")
+        if pal.granularity == "per_grouped_channel":
+            misfit = [layer for layer in palettized if _palette_axis(layer, pal, pal.group_size) is None]
+            if misfit:
+                fits = [g for g in range(1, 257) if all(_palette_axis(layer, pal, g) is not None
+                                                        for layer in palettized)]
+                schema.fail("palettize.group_size", pal.group_size,
+                            f"divides no channel count of {_describe(misfit[0])}"
+                            f"{f' and {len(misfit) - 1} more layer(s)' if len(misfit) > 1 else ''}; allowed with "
+                            f"this model: {', '.join(map(str, fits[:12]))}")
+        if pal.cluster_dim > 1:
+            misfit = [layer for layer in palettized
+                      if layer["shape"][pal.embeddings.channel_axis if layer["kind"] == "Embedding" else 0]
+                      % pal.cluster_dim]
+            if misfit:
+                schema.fail("palettize.cluster_dim", pal.cluster_dim,
+                            f"does not divide the channel axis of {_describe(misfit[0])}")
+    if quant is not None and quant.method != "none" and quant.granularity == "per_block":
+        misfit = [layer for layer in layers if not _block_fits(layer, quant.block_size)]
+        if misfit:
+            fits = [b for b in range(2, 1025) if all(_block_fits(layer, b) for layer in layers)]
+            schema.fail("quantize.block_size", quant.block_size,
+                        f"does not block the input channels of {_describe(misfit[0])} (it must divide them and "
+                        f"be smaller); allowed with this model: {', '.join(map(str, fits[:12])) or 'none'}")
 
 
 def check_combination(sections: dict[str, Any]) -> None:

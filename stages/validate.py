@@ -1,4 +1,8 @@
-"""Stage 0, validate: every section of params.yaml, before any model is loaded.
+"""Stage 0, validate: every section of params.yaml, before any compression work.
+
+Every section's options and the joint compressions refused, then (with --layers,
+the inspect stage's table) every option that depends on the model's shapes:
+palettize.group_size, cluster_dim and layer_bits patterns, quantize.block_size.
 
 DVC runs this stage whenever any parameter changes, and every other stage
 depends on its marker file. The marker's content never changes, so a valid
@@ -9,6 +13,7 @@ change does not by itself rerun anything downstream; an invalid one stops
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from coreml_pipeline import numerics, validation
@@ -21,9 +26,12 @@ MARKER_TEXT = "params.yaml passed validation\n"
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
+    parser.add_argument("--layers", help="the inspect stage's layer table: check the shape-dependent options")
     parser.add_argument("--out", required=True, help="marker file, constant content")
     args = parser.parse_args(argv)
     checked = validation.validate(config.read_params(args.params))
+    if args.layers:
+        validation.check_shapes(checked, json.loads(Path(args.layers).read_text(encoding="utf-8"))["layers"])
     numerics.check_host(checked["runtime"].numerics)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

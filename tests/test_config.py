@@ -99,7 +99,7 @@ def test_magnitude_pruning_needs_a_sparsity():
         validate(params)
 
 
-@pytest.mark.parametrize("stage", ["validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert",
+@pytest.mark.parametrize("stage", ["inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert",
                                    "baseline", "coreml_compress", "evaluate"])
 def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     params = yaml.safe_load(config.PARAMS.read_text())
@@ -108,7 +108,7 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     out = tmp_path / "existing-output"
     out.write_text("cached result")
     # Every stage validates the whole file first; the output arguments are never reached.
-    args = {"validate": ["--out", str(out)], "prune": ["--out", str(out)],
+    args = {"inspect": ["--out", str(out)], "validate": ["--out", str(out)], "prune": ["--out", str(out)],
             "calibrate": ["--weights", "x", "--out", str(out)],
             "palettize": ["--weights", "x", "--sensitivity", "x", "--out", str(out)],
             "quantize": ["--weights", "x", "--out", str(out)],

@@ -20,7 +20,7 @@ from tiny_families import REDUCED, ROOT, compose, family_overrides, tiny_sd_pipe
 
 from coreml_pipeline.tools.inprocess import run_stages
 
-ALL_STAGES = ["validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
+ALL_STAGES = ["inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
               "coreml_compress", "evaluate"]
 
 # (family, extra overrides): together they cover pruning, palettization (both k-means solvers),

@@ -21,7 +21,7 @@ from coreml_pipeline.config.schema import ConfigError
 from coreml_pipeline.tools.inprocess import run_stages
 from coreml_pipeline.validation import validate
 
-STAGES = ["validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
+STAGES = ["inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
           "coreml_compress", "evaluate"]
 
 

@@ -17,7 +17,7 @@ from conftest import REDUCED_OVERRIDES, copy_of_reduced_run, make_project_copy, 
 from coreml_pipeline.coreml.convert import load_program
 from coreml_pipeline.tools import experiments, report
 
-STAGES = ("validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
+STAGES = ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
           "coreml_compress", "evaluate")
 
 
@@ -114,6 +114,14 @@ def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reprodu
     assert stages_run(bad.stdout + bad.stderr) == {"validate"}
     assert {p: p.read_bytes() for p in (project / "artifacts").rglob("*.safetensors")} == before
     assert (project / "artifacts/convert/model.mlpackage").is_dir()
+
+    # A group size that fits no layer: validate knows from the inspect stage's layer table, before prune runs.
+    set_param(project, "palettize.n_bits", 2)
+    set_param(project, "palettize.group_size", 7)
+    bad = run(["dvc", "repro"], project, check=False)
+    assert "config error: palettize.group_size=7 is not allowed; divides no channel count of" in bad.stdout + bad.stderr
+    assert stages_run(bad.stdout + bad.stderr) == {"validate"}
+    assert {p: p.read_bytes() for p in (project / "artifacts").rglob("*.safetensors")} == before
 
 
 def test_sweep_override_through_dvc_experiments_composes_params(project):
@@ -222,3 +230,18 @@ def test_sweeps_through_dvc_experiments_reuse_upstream_stages(reproduced):
     report.report(project / "reports", cwd=project)
     table = (project / "reports/experiments.md").read_text()
     assert "palettize.group_size=16" in table and (project / "reports/pareto.png").stat().st_size > 20_000
+
+    # The summary's advice, `dvc exp apply <name>`, then the audit of the workspace's package: recorded by that
+    # experiment, not committed yet (exit 6, not tampered), with or without --search.
+    name = results["16"]["name"]
+    run(["dvc", "exp", "apply", name], project)
+    package = "artifacts/convert/model.mlpackage"
+    for flags in ([], ["--search"]):
+        audited = run([sys.executable, "-m", "coreml_pipeline.tools.audit", package, *flags], project, check=False)
+        assert audited.returncode == 6, audited.stdout + audited.stderr
+        assert f"experiment   {name} (" in audited.stdout and "not committed yet" in audited.stdout
+        assert "FAIL" not in audited.stdout, audited.stdout
+    run(["git", "add", "dvc.lock", "params.yaml", "metrics"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ship group 16"], project)
+    audited = run([sys.executable, "-m", "coreml_pipeline.tools.audit", package], project, check=False)
+    assert audited.returncode == 0 and "verdict      identical" in audited.stdout, audited.stdout

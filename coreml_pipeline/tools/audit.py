@@ -9,7 +9,10 @@ Verdicts and exit codes (docs/reproducibility.md):
 
   0  identical         byte for byte a package that a dvc.lock of this repository records
                        (at its commit, a later commit on that line, or with --search any
-                       commit or DVC experiment).
+                       commit).
+  6  recorded by an    byte for byte the package a DVC experiment's dvc.lock records (refs/exps,
+     experiment        found without --search), not yet in a commit: `dvc exp apply NAME`
+                       and commit dvc.lock to make it history.
   3  rebuilt elsewhere not recorded, but internally consistent (weights hash), made from an
      (equivalent)      existing commit's config and data, and, compared weight by weight with
                        the recorded build (from the DVC cache or a remote) or with a rebuild
@@ -48,10 +51,11 @@ from coreml_pipeline.coreml import provenance
 
 PACKAGE_OUT = "artifacts/convert/model.mlpackage"
 # The pipeline's stages in the order they run: the first whose outputs differ is named.
-STAGE_ORDER = ("validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
+STAGE_ORDER = ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
                "coreml_compress", "evaluate")
 EXIT_CODES = {"identical": 0, "tampered": 1, "bad input": 2, "rebuilt elsewhere (equivalent)": 3,
-              "rebuilt elsewhere (not compared)": 4, "rebuilt elsewhere (different)": 5}
+              "rebuilt elsewhere (not compared)": 4, "rebuilt elsewhere (different)": 5,
+              "recorded by an experiment": 6}
 # Two builds of one commit on different CPUs are equivalent when, for every weight the network
 # consumes, at most this fraction of its decoded values differ and the difference's L2 norm is at
 # most this fraction of the weight's (a k-means index that flips at a cluster boundary moves one
@@ -135,6 +139,17 @@ def search(repo: Path, md5: str) -> list[dict[str, str]]:
     names = experiment_names(repo)
     commits = git("log", "--all", "--format=%H", "--", "dvc.lock", repo=repo, check=False).stdout.split()
     return [{"commit": c, "experiment": names.get(c, "")} for c in commits if lock_records(repo, c, md5)]
+
+
+def experiment_records(repo: Path, md5: str) -> list[dict[str, str]]:
+    """The DVC experiments (refs/exps) whose dvc.lock records this package: name, its commit, and the
+    commit it branches from (its parent)."""
+    found = []
+    for sha, name in experiment_names(repo).items():
+        if lock_records(repo, sha, md5):
+            baseline = git("rev-parse", f"{sha}^", repo=repo, check=False).stdout.strip()
+            found.append({"experiment": name, "commit": sha, "baseline": baseline})
+    return found
 
 
 def line_from(repo: Path, commit: str) -> list[str]:
@@ -362,18 +377,35 @@ def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool =
                        "`git fetch --unshallow` and audit again")
     check("commit in repository", exists, commit if exists else f"commit {commit or '(none)'} is not in {repo}")
     recorded_at = recording_commit(repo, commit, md5) if exists else None
-    check("dvc.lock records this package", recorded_at is not None,
-          f"{md5} in dvc.lock at {recorded_at}" if recorded_at
-          else f"no dvc.lock from {commit or '?'} on lists {md5}")
+    # Not in a committed dvc.lock: a DVC experiment (what `dvc exp apply` puts in the workspace) may record it.
+    experiments = experiment_records(repo, md5) if exists and recorded_at is None else []
+    experiment = next((e for e in experiments if e["baseline"] == commit), experiments[0] if experiments else None)
+    if recorded_at:
+        detail = f"{md5} in dvc.lock at {recorded_at}"
+    elif experiment:
+        detail = (f"{md5} in the dvc.lock of DVC experiment {experiment['experiment']} ({experiment['commit'][:12]}) "
+                  f"of commit {experiment['baseline']}; not in a committed dvc.lock yet")
+    else:
+        detail = f"no dvc.lock from {commit or '?'} on lists {md5}"
+    check("dvc.lock records this package", recorded_at is not None or experiment is not None, detail)
     result: dict[str, Any] = {"package": str(package), "dvc_md5": md5, "provenance": record, "checks": checks,
                               "tolerances": TOLERANCES}
+    if experiment:
+        result["experiment"] = experiment
     if do_search:
         result["found_in"] = search(repo, md5)
         check("search", bool(result["found_in"]), f"{len(result['found_in'])} commit(s)/experiment(s)")
     consistent = all(c["ok"] for c in checks[:3])
-    identical = consistent and (recorded_at is not None or bool(result.get("found_in")))
+    found = result.get("found_in") or []
+    identical = consistent and (recorded_at is not None or any(not f["experiment"] for f in found))
+    by_experiment = consistent and not identical and (experiment is not None or bool(found))
+    if by_experiment and "experiment" not in result:
+        hit = next(f for f in found if f["experiment"])
+        baseline = git("rev-parse", f"{hit['commit']}^", repo=repo, check=False).stdout.strip()
+        result["experiment"] = {"experiment": hit["experiment"], "commit": hit["commit"], "baseline": baseline}
+    recorded = identical or by_experiment
 
-    if consistent and not identical:
+    if consistent and not recorded:
         # Not a recorded package: is it a rebuild of one, made from a commit's own config and data?
         check("built from committed sources", record["git_dirty"] == "false",
               "git_dirty false" if record["git_dirty"] == "false" else "built with uncommitted changes to the sources")
@@ -386,7 +418,7 @@ def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool =
         consistent = all(c["ok"] for c in checks if c["check"] not in ("dvc.lock records this package", "search"))
 
     comparisons: list[dict] = []
-    if consistent and not identical:
+    if consistent and not recorded:
         build = recorded_build(repo, commit, record["config"] or {})
         result["recorded_build"] = {"commit": build[0], "dvc_md5": build[1]} if build else None
         with tempfile.TemporaryDirectory() as tmp:
@@ -441,6 +473,8 @@ def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool =
         verdict = "tampered"
     elif identical:
         verdict = "identical"  # a rebuild here on another platform may differ; the package is the recorded one
+    elif by_experiment:
+        verdict = "recorded by an experiment"
     elif beyond:
         verdict = "rebuilt elsewhere (different)"
     elif comparisons:
@@ -464,6 +498,8 @@ VERDICT_TEXT = {
                                       "another platform, but its decoded weights are beyond tolerance (native "
                                       "numerics amplify the platform difference; runtime=portable avoids it)",
     "tampered": "tampered: see the FAIL lines",
+    "recorded by an experiment": "recorded by a DVC experiment, not committed yet: byte for byte the package its "
+                                 "dvc.lock records; commit dvc.lock (after `dvc exp apply`) to make it history",
 }
 
 
@@ -479,6 +515,10 @@ def report_text(result: dict) -> str:
     lines += ["  " + line for line in yaml.safe_dump(record["config"] or {}, sort_keys=False).splitlines()]
     for found in result.get("found_in", []):
         lines.append(f"made by      {found['commit']} {('experiment ' + found['experiment']) if found['experiment'] else ''}")
+    if result.get("experiment"):
+        e = result["experiment"]
+        lines.append(f"experiment   {e['experiment']} ({e['commit'][:12]}) of commit {e['baseline']}: "
+                     f"`dvc exp apply {e['experiment']}`, then `git add dvc.lock && git commit`")
     build = result.get("recorded_build")
     if build:
         lines.append(f"recorded     build {build['dvc_md5']} in dvc.lock at {build['commit']}"
