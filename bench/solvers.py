@@ -100,10 +100,17 @@ def quality(model_cfg, data_cfg, weights: Path, float_embeddings) -> dict[str, f
     return {"sts_spearman": round(sts_spearman(embeddings, pairs), 4), "mean_cosine": round(scores["mean_cosine"], 6)}
 
 
-def save(rows: list[dict]) -> None:
-    """After every recipe: an interrupted run keeps what it measured."""
+def save(rows: list[dict]) -> list[dict]:
+    """After every recipe: the stored rows, each recipe's replaced by the new one (so a run of some
+    recipes, or an interrupted one, keeps the others), in the tables' order. Returns them."""
+    path = RESULTS / "solvers.json"
+    stored = {row["recipe"]: row for row in json.loads(path.read_text())} if path.is_file() else {}
+    stored.update({row["recipe"]: row for row in rows})
+    order = [name for name, _, _ in palettization_recipes()]
+    merged = sorted(stored.values(), key=lambda row: order.index(row["recipe"]) if row["recipe"] in order else 99)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "solvers.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    return merged
 
 
 def measure(recipes: list[tuple[str, list[str], str]], work: Path) -> list[dict]:
@@ -147,12 +154,11 @@ def measure(recipes: list[tuple[str, list[str], str]], work: Path) -> list[dict]
         weights = upstream[prune_key]
         sensitive = params["palettize"].method == "sensitive_kmeans"
         calibrate_key = prune_key + json.dumps(str(params["calibrate"]))
-        if not sensitive:
-            upstream.setdefault(calibrate_key, folder / "unused.safetensors")  # data-free: palettize never reads it
-        if calibrate_key not in upstream:
+        if sensitive and calibrate_key not in upstream:
             upstream[calibrate_key] = folder / "sensitivity.safetensors"
             stage("calibrate", files["coremltools"], "--weights", weights, "--out", upstream[calibrate_key])
-        sensitivity = upstream[calibrate_key]
+        # Data-free k-means never reads the sensitivity: the path only satisfies the stage's command line.
+        sensitivity = upstream[calibrate_key] if sensitive else folder / "unused.safetensors"
         model = load_weights(params["model"], weights)
         original = {f"{n}.weight": m.weight.detach().clone() for n, m in compressible_weights(model)}
         weighting = load_file(str(sensitivity)) if sensitive else None
@@ -211,8 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     recipes = [r for r in palettization_recipes() if not args.names or r[0] in args.names]
     with tempfile.TemporaryDirectory() as work:
         rows = measure(recipes, Path(work))
-    save(rows)
-    text = table(rows)
+    text = table(save(rows))
     (RESULTS / "solvers.md").write_text(text, encoding="utf-8")
     write_docs(text)
     print(text)
