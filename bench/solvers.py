@@ -199,7 +199,13 @@ def table(rows: list[dict]) -> str:
                      f"{row['error_ratio']:.5f} | {row['lowest_layer_ratio']:.5f} | {row['highest_layer_ratio']:.5f} | "
                      f"{c['sts_spearman']:.2f} | {e['sts_spearman']:.2f} | {c['mean_cosine']:.4f} | "
                      f"{e['mean_cosine']:.4f} |")
-    return "\n".join(lines) + "\n" + ("\nNot measured here:\n\n" + "\n".join(skipped) + "\n" if skipped else "")
+    stored = {row["recipe"] for row in rows}
+    pending = [f"`{name}`" for name, _, _ in palettization_recipes() if name not in stored]
+    text = "\n".join(lines) + "\n" + ("\nNot measured here:\n\n" + "\n".join(skipped) + "\n" if skipped else "")
+    if pending:
+        text += f"\nNot measured yet (`python -m bench.solvers {' '.join(p.strip('`') for p in pending)}`): " \
+                f"{', '.join(pending)}.\n"
+    return text
 
 
 def write_docs(text: str) -> None:
@@ -210,17 +216,27 @@ def write_docs(text: str) -> None:
         DOCS.write_text(page, encoding="utf-8")
 
 
+def report() -> str:
+    """The table from the stored results, written to solvers.md and the docs page."""
+    text = table(json.loads((RESULTS / "solvers.json").read_text(encoding="utf-8")))
+    (RESULTS / "solvers.md").write_text(text, encoding="utf-8")
+    write_docs(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="recipes to measure (default: every palettization recipe)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table from the stored results")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report())
+        return
     recipes = [r for r in palettization_recipes() if not args.names or r[0] in args.names]
     with tempfile.TemporaryDirectory() as work:
         rows = measure(recipes, Path(work))
-    text = table(save(rows))
-    (RESULTS / "solvers.md").write_text(text, encoding="utf-8")
-    write_docs(text)
-    print(text)
+    save(rows)
+    print(report())
 
 
 if __name__ == "__main__":
