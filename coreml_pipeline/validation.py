@@ -13,7 +13,8 @@ from typing import Any
 from coreml_pipeline.config import schema
 from coreml_pipeline.techniques import registry
 
-# Importing the method modules registers every method (light: no torch, no coremltools).
+# Importing the method modules registers every method (light: no torch, no coremltools);
+# palettize.grouping_axis is the palettize stage's grouping rule, on shapes.
 from coreml_pipeline.techniques.methods import finetune, palettize, prune, quantize  # noqa: F401,E402
 
 
@@ -24,15 +25,11 @@ def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str,
     return checked
 
 
-def _palette_axis(layer: dict, pal: Any, group: int) -> int | None:
-    """The axis the palettize stage groups this layer along for ``group`` (techniques/palettize.py
-    channel_axis: embeddings along palettize.embeddings.channel_axis, other layers along output
-    channels, else input channels), or None when neither divides: coremltools would skip it."""
-    shape = layer["shape"]
-    if layer["kind"] == "Embedding":
-        axis = pal.embeddings.channel_axis
-        return axis if shape[axis] % group == 0 else None
-    return next((axis for axis in (0, 1) if shape[axis] % group == 0), None)
+def _groups(layer: dict, pal: Any, group: int) -> bool:
+    """Whether the palettize stage can group this layer by ``group``: the axis it groups along
+    (grouping_axis, the stage's own rule) divides by it; else coremltools would skip the layer."""
+    axis = palettize.grouping_axis(layer["kind"] == "Embedding", layer["shape"], pal, group)
+    return layer["shape"][axis] % group == 0
 
 
 def _block_fits(layer: dict, block: int) -> bool:
@@ -59,10 +56,9 @@ def check_shapes(sections: dict[str, Any], layers: list[dict]) -> None:
                 schema.fail("palettize.layer_bits", pattern,
                             f"allowed: a regex matching palettized layer names such as {', '.join(names[:3])}")
         if pal.granularity == "per_grouped_channel":
-            misfit = [layer for layer in palettized if _palette_axis(layer, pal, pal.group_size) is None]
+            misfit = [layer for layer in palettized if not _groups(layer, pal, pal.group_size)]
             if misfit:
-                fits = [g for g in range(1, 257) if all(_palette_axis(layer, pal, g) is not None
-                                                        for layer in palettized)]
+                fits = [g for g in range(1, 257) if all(_groups(layer, pal, g) for layer in palettized)]
                 schema.fail("palettize.group_size", pal.group_size,
                             f"divides no channel count of {_describe(misfit[0])}"
                             f"{f' and {len(misfit) - 1} more layer(s)' if len(misfit) > 1 else ''}; allowed with "

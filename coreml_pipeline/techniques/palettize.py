@@ -13,7 +13,7 @@ import torch
 from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import PalettizeConfig, TensorPaletteConfig
 from coreml_pipeline.model import PALETTIZATION, PRUNING, compressible_weights, compression_metadata, compression_types
-from coreml_pipeline.techniques.methods import palettize as _registers_methods  # noqa: F401
+from coreml_pipeline.techniques.methods.palettize import grouping_axis  # importing it also registers the methods
 from coreml_pipeline.techniques.precision import round_like_package, warn_lost_rows
 from coreml_pipeline.techniques.registry import get
 
@@ -76,16 +76,8 @@ def palettizer_config(cfg: PalettizeConfig, model: torch.nn.Module) -> dict:
 
 
 def channel_axis(module: torch.nn.Module, cfg: PalettizeConfig) -> int:
-    """The axis a layer's channels are grouped along. Embeddings: palettize.embeddings.channel_axis.
-    Linear and Conv: output channels (axis 0), as coremltools does; when they do not divide by
-    group_size but the input channels do (a 1000-class head, an LM head over 50257 tokens), the
-    input channels (axis 1), which coremltools also supports, rather than leaving it uncompressed."""
-    if isinstance(module, torch.nn.Embedding):
-        return cfg.embeddings.channel_axis
-    shape = module.weight.shape
-    if cfg.granularity != "per_grouped_channel" or shape[0] % cfg.group_size == 0:
-        return 0
-    return 1 if shape[1] % cfg.group_size == 0 else 0
+    """The axis a layer's channels are grouped along (methods/palettize.py grouping_axis)."""
+    return grouping_axis(isinstance(module, torch.nn.Embedding), tuple(module.weight.shape), cfg, cfg.group_size)
 
 
 def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None):

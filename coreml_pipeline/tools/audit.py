@@ -398,11 +398,8 @@ def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool =
     consistent = all(c["ok"] for c in checks[:3])
     found = result.get("found_in") or []
     identical = consistent and (recorded_at is not None or any(not f["experiment"] for f in found))
-    by_experiment = consistent and not identical and (experiment is not None or bool(found))
-    if by_experiment and "experiment" not in result:
-        hit = next(f for f in found if f["experiment"])
-        baseline = git("rev-parse", f"{hit['commit']}^", repo=repo, check=False).stdout.strip()
-        result["experiment"] = {"experiment": hit["experiment"], "commit": hit["commit"], "baseline": baseline}
+    # --search finds no experiment that experiment_records missed: both read the same refs/exps tips.
+    by_experiment = consistent and not identical and experiment is not None
     recorded = identical or by_experiment
 
     if consistent and not recorded:

@@ -72,11 +72,11 @@ def axes_of(metrics: dict) -> list[tuple[str, str]]:
     return axes
 
 
-DEFAULT_FAMILY = "sentence_embedding"  # what a params.yaml without model.family means (the schema's default)
-
-
 def family_of(row: dict) -> str:
-    return row["params"].get("model.family", DEFAULT_FAMILY)
+    """model.family of an experiment's params (the schema's default where its params.yaml has none)."""
+    from coreml_pipeline.config.schema import ModelConfig
+
+    return row["params"].get("model.family", ModelConfig.family)
 
 
 def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
@@ -86,7 +86,7 @@ def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
     rows = experiments.experiments(cwd, all_commits)
     reference = next((r["params"] for r in rows if r["kind"] == "baseline"), {})
     workspace = next((r for r in rows if r["kind"] == "workspace"), None)
-    workspace_family = family_of(workspace) if workspace else reference.get("model.family", DEFAULT_FAMILY)
+    workspace_family = family_of(workspace or {"params": reference})
     seen, chosen = set(), []
     for row in rows:
         if names and row["name"] not in names:

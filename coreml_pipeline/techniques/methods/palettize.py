@@ -11,6 +11,19 @@ from coreml_pipeline.techniques.registry import Method, pruning_source, register
 EXACT_DP_ONLY_WITH = (("cluster_dim", 1), ("lut_dtype", None), ("enable_per_channel_scale", False))
 
 
+def grouping_axis(embedding: bool, shape: tuple[int, ...], cfg: PalettizeConfig, group: int | None) -> int:
+    """The axis a layer's channels are grouped along. Embeddings: palettize.embeddings.channel_axis.
+    Linear and Conv: output channels (axis 0), as coremltools does; when they do not divide by
+    ``group`` but the input channels do (a 1000-class head, an LM head over 50257 tokens), the
+    input channels (axis 1), which coremltools also supports, rather than leaving it uncompressed.
+    On shapes alone, so that validate applies the palettize stage's own rule before any weight loads."""
+    if embedding:
+        return cfg.embeddings.channel_axis
+    if cfg.granularity != "per_grouped_channel" or shape[0] % group == 0:
+        return 0
+    return 1 if shape[1] % group == 0 else 0
+
+
 class PalettizeMethod(Method):
     section = "palettize"
     # Tables found by k-means: palettize.kmeans_solver=exact_dp can compute them.
