@@ -19,6 +19,13 @@ from coreml_pipeline.coreml import provenance as provenance_lib
 from coreml_pipeline.coreml.convert import convert_and_check
 from coreml_pipeline.families.base import torch_device
 from coreml_pipeline.model import load_weights
+from coreml_pipeline.techniques import registry
+from coreml_pipeline.techniques.methods import (  # noqa: F401  (registers every method: samples_used asks each)
+    finetune,
+    palettize,
+    prune,
+    quantize,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,9 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     family = families.get(params["model"], data_cfg)
     # The platform of the float passes that made the weights (every stage reads the same runtime section).
     platform = numerics.fingerprint(params["runtime"].numerics, torch_device(params["model"]))
-    provenance = provenance_lib.collect(params, data_files, family.weights_location(), platform)
+    samples_used = registry.samples_used(params, family)
+    provenance = provenance_lib.collect(params, data_files, family.weights_location(), platform, samples_used)
     network = load_weights(params["model"], args.weights)
     report = convert_and_check(network, family, params["convert"], Path(args.out), log, provenance)
+    report["samples_used"] = samples_used  # evaluate copies it into the metrics
     runtime.write_json(report, args.report)
 
 

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_weights(model_cfg, args.weights)
     scores = family.score(model, load_file(args.float_embeddings), float_report, readback, params["evaluate"],
                           torch_device(model_cfg), Path(args.package), log)
+    # Calibration counts as used (a split can hold fewer than asked), as the package's provenance records them.
+    scores.metrics["samples_used"] = readback.get("samples_used", {})
     write_scores(scores, Path(args.metrics), Path(args.layers), Path(args.similarities), Path(args.tradeoff))
     log.info("per layer:\n%s", layer_markdown(scores.layers))
 

@@ -14,7 +14,9 @@ import pytest
 import yaml
 from conftest import REDUCED_OVERRIDES, copy_of_reduced_run, make_project_copy, project_env, run
 
+from coreml_pipeline.coreml import provenance
 from coreml_pipeline.coreml.convert import load_program
+from coreml_pipeline.tools.audit import open_package
 from coreml_pipeline.tools import experiments, report
 
 STAGES = ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
@@ -69,6 +71,10 @@ def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reprodu
 
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert metrics["num_pairs"] == 48
+    # the calibration counts as used, in the metrics and in the package's provenance
+    assert metrics["samples_used"] == {"calibrate.num_samples": 4, "prune.num_samples": 8}
+    package_record = provenance.read(open_package(project / "artifacts/convert/model.mlpackage"))
+    assert package_record["samples_used"] == metrics["samples_used"]
     assert metrics["readback_max_abs_diff"] <= 2 ** -24
     assert 0 < metrics["package_bytes"] < metrics["float16_package_bytes"]
     assert 0.0 < metrics["size_ratio"] < 0.5  # 2-bit weights and embeddings

@@ -64,3 +64,22 @@ def test_layerwise_compression_says_how_many_samples_the_split_held(tiny_bert, c
     caplog.clear()
     layerwise.compress(tiny_bert(), "sparse_gpt", options, 2, "cpu", ThreeSamples())
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # enough data: nothing to say
+
+
+def test_the_counts_used_are_what_the_package_records(tmp_path):
+    """registry.samples_used (the package's provenance entry and the metrics' samples_used): the number
+    each active technique used, capped by the split; techniques that take no data add nothing."""
+    from coreml_pipeline import families
+    from coreml_pipeline.techniques import registry
+    from coreml_pipeline.techniques.methods import finetune, palettize, prune, quantize  # noqa: F401
+
+    sections = ("model", "data", "prune", "finetune", "calibrate", "palettize", "quantize")
+    path = tmp_path / "params.yaml"
+    path.write_text(compose.compose_text(["calibrate.num_samples=100000", "prune=sparse_gpt", "prune.num_samples=3"]))
+    params = compose.load(sections, path)
+    dev_pairs = len((compose.ROOT / "data/stsb/sts-dev.csv").read_text(encoding="utf-8").splitlines())
+    counts = registry.samples_used(params, families.get(params["model"], params["data"]))
+    assert counts == {"calibrate.num_samples": dev_pairs, "prune.num_samples": 3}
+    path.write_text(compose.compose_text(["palettize=kmeans"]))
+    params = compose.load(sections, path)
+    assert registry.samples_used(params, families.get(params["model"], params["data"])) == {}

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "coreml_compress."
-KEYS = ("config", "git_commit", "git_dirty", "source_model_sha256", "data_sha256", "versions", "platform",
-        "weights_sha256")
+KEYS = ("config", "git_commit", "git_dirty", "source_model_sha256", "data_sha256", "samples_used", "versions",
+        "platform", "weights_sha256")
 # Entries holding JSON.
-JSON_KEYS = ("config", "data_sha256", "versions", "platform")
+JSON_KEYS = ("config", "data_sha256", "samples_used", "versions", "platform")
+# Entries packages made by earlier versions lack (their absence is not a gap in the record).
+SINCE_LATER_VERSIONS = ("samples_used",)
 # What can change a package: the recorded commit is the last one that touched
 # these, so committing a run's dvc.lock, docs or tests afterwards changes nothing.
 SOURCES = ("stages", "coreml_pipeline", "pyproject.toml", "conf", "params.yaml", "dvc.yaml", "data", "requirements.txt", "constraints.txt")
@@ -79,15 +81,18 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def collect(sections: dict[str, Any], data_files: list[Path], model_dir: str, platform: dict[str, Any]
-            ) -> dict[str, str]:
+def collect(sections: dict[str, Any], data_files: list[Path], model_dir: str, platform: dict[str, Any],
+            samples_used: dict[str, int] | None = None) -> dict[str, str]:
     """Every entry but weights_sha256, which is known only once the package is saved.
+
+    ``samples_used``: each calibration count as used (techniques.registry.samples_used); the config
+    holds what was asked, which a small split can cap. None (a float package): no such entry.
 
     ``platform`` is coreml_pipeline.numerics.fingerprint: in portable mode the same on every x86-64 CPU
     with AVX2, so the package's bytes do not depend on which such machine made it."""
     commit, dirty = git_state()
     config = {name: dataclasses.asdict(section) for name, section in sections.items()}
-    return {
+    entries = {
         PREFIX + "config": json.dumps(config, sort_keys=True),
         PREFIX + "git_commit": commit,
         PREFIX + "git_dirty": str(dirty).lower(),
@@ -96,6 +101,9 @@ def collect(sections: dict[str, Any], data_files: list[Path], model_dir: str, pl
         PREFIX + "versions": json.dumps(versions(), sort_keys=True),
         PREFIX + "platform": json.dumps(platform, sort_keys=True),
     }
+    if samples_used is not None:
+        entries[PREFIX + "samples_used"] = json.dumps(samples_used, sort_keys=True)
+    return entries
 
 
 def read(user_defined: dict[str, str]) -> dict[str, Any]:

@@ -97,16 +97,23 @@ def compress_blocks(model: torch.nn.Module, algorithm: str, options: dict, sampl
     return compressor.compress(samples, device=str(device), inplace=True).cpu()
 
 
+def family_samples(family, num_samples: int) -> list:
+    """The samples ``family`` feeds SparseGPT/GPTQ: its layer-wise samples over its block stack, or
+    its calibration samples when it compresses layer by layer."""
+    if family.block_stack:
+        return family.layerwise_samples(num_samples)
+    return family.calibration_samples(num_samples, 0)
+
+
 def compress(model: torch.nn.Module, algorithm: str, options: dict, num_samples: int, device="cpu", family=None,
              samples: list | None = None, blocks: str | None = None) -> torch.nn.Module:
     """``algorithm`` on calibration data. ``family`` given: over its block stack on its layer-wise
     samples, or layer by layer (compress_each_layer) on its calibration samples when it has none;
     without a family, over ``blocks`` on ``samples``."""
-    if family is not None and not family.block_stack:
-        samples = family.calibration_samples(num_samples, 0)
-        warn_if_capped(log, NUM_SAMPLES_KEY[algorithm], num_samples, len(samples), "the calibration split")
-        return compress_each_layer(model, algorithm, options, family, samples, device)
     if family is not None:
-        samples, blocks = family.layerwise_samples(num_samples), family.layerwise_blocks(model)
+        samples = family_samples(family, num_samples)
         warn_if_capped(log, NUM_SAMPLES_KEY[algorithm], num_samples, len(samples), "the calibration split")
+        if not family.block_stack:
+            return compress_each_layer(model, algorithm, options, family, samples, device)
+        blocks = family.layerwise_blocks(model)
     return compress_blocks(model, algorithm, options, samples or [], blocks, device)

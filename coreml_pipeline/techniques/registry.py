@@ -39,6 +39,11 @@ class Method:
         """Compress ``model`` in place and return it."""
         raise NotImplementedError
 
+    def samples_used(self, sections: dict[str, Any], family) -> dict[str, int]:
+        """The calibration counts this method consumed, as used: ``{"<section>.num_samples": n}``,
+        n smaller than asked where the split holds fewer (recorded in the package's provenance)."""
+        return {}
+
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` the method ``<cls.section>.method=<cls.name>``."""
@@ -68,6 +73,16 @@ def method(section: str, cfg: Any, prefix: str | None = None) -> Method:
     chosen = get(section, cfg.method, prefix)
     chosen.check(cfg, prefix or section)
     return chosen
+
+
+def samples_used(sections: dict[str, Any], family) -> dict[str, int]:
+    """Every count of calibration data that shaped the weights, as used, over the methods
+    ``sections`` name (their methods modules imported)."""
+    counts: dict[str, int] = {}
+    for section in SECTIONS:
+        if section in sections:
+            counts.update(get(section, sections[section].method).samples_used(sections, family))
+    return dict(sorted(counts.items()))
 
 
 def pruning_source(sections: dict[str, Any]) -> str | None:

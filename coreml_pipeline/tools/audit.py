@@ -364,7 +364,8 @@ def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool =
         return bool(ok)
 
     # Packages made before numerics modes existed record no runtime section and no platform.
-    required = [k for k in provenance.KEYS if k != "platform" or "runtime" in (record["config"] or {})]
+    required = [k for k in provenance.KEYS if (k != "platform" or "runtime" in (record["config"] or {}))
+                and k not in provenance.SINCE_LATER_VERSIONS]
     missing = [provenance.PREFIX + k for k in required if record[k] is None]
     check("provenance complete", not missing, f"missing: {', '.join(missing)}" if missing else "all entries present")
     actual = provenance.package_weights_sha256(package)

@@ -116,6 +116,10 @@ class SensitiveKMeans(KMeans):
         if cfg.cluster_dim > 1:
             fail(f"{prefix}.cluster_dim", cfg.cluster_dim, "allowed: 1 with method=sensitive_kmeans; use kmeans")
 
+    def samples_used(self, sections, family) -> dict[str, int]:
+        calibrate = sections["calibrate"]
+        return {"calibrate.num_samples": len(family.calibration_samples(calibrate.num_samples, calibrate.seed))}
+
     def apply(self, model, cfg, sensitivity=None, **inputs):
         if sensitivity is None:
             raise ValueError("palettize.method=sensitive_kmeans needs the calibrate stage's sensitivity")

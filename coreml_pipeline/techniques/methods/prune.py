@@ -55,6 +55,11 @@ class SparseGPT(PruneMethod):
 
     name = "sparse_gpt"
 
+    def samples_used(self, sections, family) -> dict[str, int]:
+        from coreml_pipeline.techniques.layerwise import family_samples
+
+        return {"prune.num_samples": len(family_samples(family, sections["prune"].num_samples))}
+
     def apply(self, model, cfg, samples=None, blocks=None, device="cpu", family=None, **inputs):
         """``family`` given: its own calibration samples (and blocks, or layer by layer without a block stack)."""
         from coreml_pipeline.techniques import layerwise

@@ -55,6 +55,11 @@ class GPTQ(QuantizeMethod):
         if cfg.granularity == "per_tensor":
             fail(f"{prefix}.granularity", cfg.granularity, "allowed with method=gptq: per_channel, per_block")
 
+    def samples_used(self, sections, family) -> dict[str, int]:
+        from coreml_pipeline.techniques.layerwise import family_samples
+
+        return {"quantize.num_samples": len(family_samples(family, sections["quantize"].num_samples))}
+
     def check_with(self, sections) -> None:
         source = pruning_source(sections)
         if source:
