@@ -238,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         print(report())
         return
+    known = [name for name, _, _ in palettization_recipes()]
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        parser.error(f"unknown recipe {', '.join(unknown)}; allowed: {', '.join(known)}")
     recipes = [r for r in palettization_recipes() if not args.names or r[0] in args.names]
     with tempfile.TemporaryDirectory() as work:
         rows = measure(recipes, Path(work))

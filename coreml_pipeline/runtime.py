@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -69,6 +70,14 @@ def timed(logger: logging.Logger, what: str):
     start = time.perf_counter()
     yield
     logger.info("%s took %.1f s", what, time.perf_counter() - start)
+
+
+def existing_input(path: str) -> str:
+    """argparse type of a stage's input file: a missing one (a stage run by hand before `dvc repro`
+    made its inputs) is one usage error naming it, before any model loads."""
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path} does not exist; `dvc repro` makes it (or pass the path of one that does)")
+    return path
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from coreml_pipeline.techniques.calibrate import sensitivity
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
-    parser.add_argument("--weights", required=True, help="pruned weights from the prune stage")
+    parser.add_argument("--weights", type=runtime.existing_input, required=True, help="pruned weights from the prune stage")
     parser.add_argument("--out", required=True, help="sensitivity (.safetensors)")
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "calibrate", "runtime"), args.params)

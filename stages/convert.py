@@ -31,7 +31,7 @@ from coreml_pipeline.techniques.methods import (  # noqa: F401  (registers every
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
-    parser.add_argument("--weights", required=True, help="palettized weights from the palettize stage")
+    parser.add_argument("--weights", type=runtime.existing_input, required=True, help="palettized weights from the palettize stage")
     parser.add_argument("--out", required=True, help="the .mlpackage to write")
     parser.add_argument("--report", required=True, help="read-back report (.json)")
     args = parser.parse_args(argv)

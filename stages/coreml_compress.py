@@ -31,9 +31,9 @@ from coreml_pipeline.coreml.compress import compress, load_decoded, plan
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
-    parser.add_argument("--float-package", required=True, help="the baseline float16 .mlpackage")
-    parser.add_argument("--float-embeddings", required=True)
-    parser.add_argument("--float-report", required=True)
+    parser.add_argument("--float-package", type=runtime.existing_input, required=True, help="the baseline float16 .mlpackage")
+    parser.add_argument("--float-embeddings", type=runtime.existing_input, required=True)
+    parser.add_argument("--float-report", type=runtime.existing_input, required=True)
     parser.add_argument("--out", required=True, help="folder for the Core ML-side .mlpackage")
     parser.add_argument("--metrics", required=True, help="DVC metrics (.json)")
     args = parser.parse_args(argv)

@@ -25,11 +25,11 @@ from coreml_pipeline.model import load_weights
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
-    parser.add_argument("--weights", required=True, help="palettized weights")
-    parser.add_argument("--package", required=True, help="the compressed .mlpackage")
-    parser.add_argument("--readback", required=True, help="convert stage's read-back report")
-    parser.add_argument("--float-embeddings", required=True)
-    parser.add_argument("--float-report", required=True)
+    parser.add_argument("--weights", type=runtime.existing_input, required=True, help="palettized weights")
+    parser.add_argument("--package", type=runtime.existing_input, required=True, help="the compressed .mlpackage")
+    parser.add_argument("--readback", type=runtime.existing_input, required=True, help="convert stage's read-back report")
+    parser.add_argument("--float-embeddings", type=runtime.existing_input, required=True)
+    parser.add_argument("--float-report", type=runtime.existing_input, required=True)
     parser.add_argument("--metrics", required=True, help="DVC metrics (.json)")
     parser.add_argument("--layers", required=True, help="per-layer table (.csv; a .md is written beside it)")
     parser.add_argument("--similarities", required=True, help="plot data: float vs compressed pair cosines (.csv); "

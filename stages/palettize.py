@@ -28,8 +28,8 @@ from coreml_pipeline.techniques.palettize import run
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
-    parser.add_argument("--weights", required=True, help="pruned weights from the prune stage")
-    parser.add_argument("--sensitivity", required=True, help="sensitivity from the calibrate stage")
+    parser.add_argument("--weights", type=runtime.existing_input, required=True, help="pruned weights from the prune stage")
+    parser.add_argument("--sensitivity", type=runtime.existing_input, required=True, help="sensitivity from the calibrate stage")
     parser.add_argument("--out", required=True, help="palettized weights (.safetensors)")
     args = parser.parse_args(argv)
     params = config.load(("model", "palettize", "runtime"), args.params)

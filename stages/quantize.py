@@ -25,7 +25,7 @@ from coreml_pipeline.techniques.methods import quantize as _registers_quantize_m
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
-    parser.add_argument("--weights", required=True, help="weights from the palettize stage")
+    parser.add_argument("--weights", type=runtime.existing_input, required=True, help="weights from the palettize stage")
     parser.add_argument("--out", required=True, help="quantized weights (.safetensors)")
     args = parser.parse_args(argv)
     params = config.load(("model", "data", "quantize", "runtime"), args.params)

@@ -16,8 +16,8 @@ from conftest import REDUCED_OVERRIDES, copy_of_reduced_run, make_project_copy, 
 
 from coreml_pipeline.coreml import provenance
 from coreml_pipeline.coreml.convert import load_program
-from coreml_pipeline.tools.audit import open_package
 from coreml_pipeline.tools import experiments, report
+from coreml_pipeline.tools.audit import open_package
 
 STAGES = ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
           "coreml_compress", "evaluate")

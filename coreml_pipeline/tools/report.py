@@ -84,6 +84,13 @@ def collect(names: list[str] | None = None, cwd: Path = experiments.ROOT,
     """Experiment rows with metrics, each distinct result once, labelled against HEAD's params,
     each with its model family; and the workspace's family."""
     rows = experiments.experiments(cwd, all_commits)
+    if names:
+        known = [row["name"] for row in rows if row["metrics"] is not None and row["kind"] != "workspace"]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise SystemExit(f"report: --names {' '.join(unknown)}: no such experiment with metrics; known: "
+                             f"{', '.join(known) or 'none (run `dvc exp run` first)'}"
+                             + ("" if all_commits else " (--all-commits: every commit's)"))
     reference = next((r["params"] for r in rows if r["kind"] == "baseline"), {})
     workspace = next((r for r in rows if r["kind"] == "workspace"), None)
     workspace_family = family_of(workspace or {"params": reference})

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -163,8 +164,57 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_points(config: DictConfig) -> list[list[str]]:
+    """Every job a basic (grid) sweep will launch, as its override strings, in launch order: the
+    product of the task overrides' values, as Hydra's BasicSweeper expands them."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list(config.hydra.overrides.task) + [f"{key}={value}" for key, value in
+                                                (config.hydra.sweeper.get("params") or {}).items()]
+    choices = []
+    for override in OverridesParser.create().parse_overrides(task):
+        key = override.get_key_element()
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
+            [override.get_value_element_as_str()]
+        choices.append([f"{key}={value}" for value in values])
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def check_grid(config: DictConfig) -> None:
+    """A grid sweep's every point composed and validated before the first experiment runs (a bad
+    value in the last point must not cost the minutes of the first): one line naming the point,
+    exit 2. Optimising sweepers (Optuna) choose points as they go: a bad one is penalised instead."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return
+    points = grid_points(config)
+    loader = GlobalHydra.instance().config_loader()
+    for index, point in enumerate(points, 1):
+        try:
+            job = loader.load_configuration(config_name=config.hydra.job.config_name, overrides=point,
+                                            run_mode=RunMode.RUN)
+            validate({section: OmegaConf.to_container(job[section], resolve=True) for section in SECTIONS})
+        except ConfigError as exc:
+            reason = str(exc).strip().splitlines()[0]
+        except Exception as exc:  # noqa: BLE001 - Hydra's and OmegaConf's own errors on a value
+            reason = f"does not compose: {' '.join(str(exc).split())[:300]}"
+        else:
+            continue
+        shown = " ".join(pipeline_overrides(point)) or "(default config)"
+        print(f"sweep: point {index} of {len(points)} ({shown}): {reason}; no experiment was run", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class SweepSummary(Callback):
-    """At the end of a multirun: summary.md in the sweep folder, and the winner."""
+    """Before a grid sweep: every point validated (check_grid). At the end of a multirun: summary.md
+    in the sweep folder, and the winner."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_grid(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
