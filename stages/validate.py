@@ -18,7 +18,8 @@ from pathlib import Path
 
 from coreml_pipeline import numerics, validation
 from coreml_pipeline.config import compose as config
-from coreml_pipeline.runtime import run_cli
+from coreml_pipeline.config.schema import ConfigError
+from coreml_pipeline.runtime import existing_input, run_cli
 
 MARKER_TEXT = "params.yaml passed validation\n"
 
@@ -26,13 +27,21 @@ MARKER_TEXT = "params.yaml passed validation\n"
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default=str(config.PARAMS))
-    parser.add_argument("--layers", help="the inspect stage's layer table: check the shape-dependent options")
+    parser.add_argument("--layers", type=existing_input,
+                        help="the inspect stage's layer table: check the shape-dependent options")
     parser.add_argument("--out", required=True, help="marker file, constant content")
     args = parser.parse_args(argv)
     checked = validation.validate(config.read_params(args.params))
     if args.layers:
         validation.check_shapes(checked, json.loads(Path(args.layers).read_text(encoding="utf-8"))["layers"])
     numerics.check_host(checked["runtime"].numerics)
+    if checked["sign"].enabled:  # the key (from the environment) now, not after every other stage ran
+        from coreml_pipeline import signing
+
+        try:
+            signing.check_signer(signing.signer_from_config(checked["sign"].signer))
+        except signing.SigningError as exc:
+            raise ConfigError(f"config error: sign.signer={checked['sign'].signer}: {exc}") from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(MARKER_TEXT, encoding="utf-8")

@@ -21,7 +21,7 @@ from tiny_families import REDUCED, ROOT, compose, family_overrides, tiny_sd_pipe
 from coreml_pipeline.tools.inprocess import run_stages
 
 ALL_STAGES = ["inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
-              "coreml_compress", "evaluate"]
+              "coreml_compress", "evaluate", "sign"]
 
 # (family, extra overrides): together they cover pruning, palettization (both k-means solvers),
 # GPTQ, the Core ML side, Conv1D layers and a tied LM head.

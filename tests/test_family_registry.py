@@ -22,7 +22,7 @@ from coreml_pipeline.tools.inprocess import run_stages
 from coreml_pipeline.validation import validate
 
 STAGES = ["inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
-          "coreml_compress", "evaluate"]
+          "coreml_compress", "evaluate", "sign"]
 
 
 def test_each_family_is_the_module_of_its_name_with_its_own_options():

@@ -20,7 +20,7 @@ from coreml_pipeline.tools import experiments, report
 from coreml_pipeline.tools.audit import open_package
 
 STAGES = ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
-          "coreml_compress", "evaluate")
+          "coreml_compress", "evaluate", "sign")
 
 
 def stages_run(output: str) -> set[str]:

@@ -427,6 +427,23 @@ class RuntimeConfig:
         check_positive_int(f"{prefix}.threads", self.threads)
 
 
+SIGNERS = ("key", "certificate", "sigstore")
+
+
+@dataclass
+class SignConfig:
+    """The optional sign stage (docs/signing.md): model-signing's signature over the package's files
+    and a signed in-toto attestation of how it was compressed. Only the kind of signer is set here;
+    the key, certificate or OIDC token come from the environment (COREML_COMPRESS_SIGNING_*), so
+    that no secret enters params.yaml, git or DVC."""
+
+    enabled: bool = False
+    signer: str = "key"
+
+    def check(self, prefix: str = "sign") -> None:
+        check_choice(f"{prefix}.signer", self.signer, SIGNERS)
+
+
 # Nested dataclasses, by the annotation string their field carries.
 SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig, "Optional[PruneConfig]": PruneConfig,
                                  "Optional[PalettizeConfig]": PalettizeConfig, "Optional[QuantizeConfig]": QuantizeConfig}
@@ -443,6 +460,7 @@ SECTIONS: dict[str, type] = {
     "convert": ConvertConfig,
     "evaluate": EvaluateConfig,
     "runtime": RuntimeConfig,
+    "sign": SignConfig,
 }
 
 

@@ -106,6 +106,40 @@ def collect(sections: dict[str, Any], data_files: list[Path], model_dir: str, pl
     return entries
 
 
+class PackageError(Exception):
+    """Not a readable .mlpackage of this pipeline: one line saying why."""
+
+
+def open_package(package: Path) -> dict[str, str]:
+    """The package's user-defined metadata; PackageError when it is no readable .mlpackage."""
+    from coremltools.proto import Model_pb2
+    from google.protobuf.message import DecodeError
+
+    if not package.exists():
+        raise PackageError(f"{package} does not exist")
+    manifest_path = package / "Manifest.json"
+    if not package.is_dir() or not manifest_path.is_file():
+        raise PackageError(f"{package} is not an .mlpackage (no Manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PackageError(f"{manifest_path} is corrupted: {type(exc).__name__} {exc}".strip()) from None
+    spec_path = package / "Data" / root
+    if not spec_path.is_file():
+        raise PackageError(f"{package}: the model spec {root} named by Manifest.json is missing")
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(spec_path.read_bytes())
+    except DecodeError as exc:
+        raise PackageError(f"{spec_path} is corrupted: the model spec does not parse ({exc})") from None
+    metadata = dict(spec.description.metadata.userDefined)
+    if not any(key.startswith(PREFIX) for key in metadata):
+        raise PackageError(f"{package} has no provenance (no {PREFIX}* metadata): it was not made by this "
+                       "pipeline (plain coremltools?)")
+    return metadata
+
+
 def read(user_defined: dict[str, str]) -> dict[str, Any]:
     """The provenance entries of a package's metadata, JSON values decoded."""
     out = {}

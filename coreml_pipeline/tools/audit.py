@@ -26,7 +26,13 @@ Verdicts and exit codes (docs/reproducibility.md):
                        differ from the commit's), an unknown commit, uncommitted sources, or
                        decoded weights beyond tolerance on the recorded build's own platform.
   2  bad input         not a package, no provenance at all (plain coremltools), a corrupted
-                       Manifest.json or model spec, a commit missing from a shallow clone.
+                       Manifest.json or model spec, a commit missing from a shallow clone, an
+                       unreadable public key or signature bundle.
+  7  signature invalid the signature files next to the package do not verify with the key (or
+                       certificate chain, or Sigstore identity) given: a changed, added or removed
+                       file, another signer, an attestation of another package, or a predicate
+                       that does not match the package (docs/signing.md). Decides over 0-6.
+  8  not signed        --require-signature, and no signature next to the package.
 
 Git is read through `git show`, nothing is checked out; --rebuild works in a
 temporary worktree with a temporary DVC cache, so an audit never writes to the
@@ -48,14 +54,18 @@ from typing import Any
 import yaml
 
 from coreml_pipeline.coreml import provenance
+from coreml_pipeline.coreml.provenance import (  # noqa: F401  (open_package: callers import it here)
+    PackageError,
+    open_package,
+)
 
 PACKAGE_OUT = "artifacts/convert/model.mlpackage"
 # The pipeline's stages in the order they run: the first whose outputs differ is named.
 STAGE_ORDER = ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert", "baseline",
-               "coreml_compress", "evaluate")
+               "coreml_compress", "evaluate", "sign")
 EXIT_CODES = {"identical": 0, "tampered": 1, "bad input": 2, "rebuilt elsewhere (equivalent)": 3,
               "rebuilt elsewhere (not compared)": 4, "rebuilt elsewhere (different)": 5,
-              "recorded by an experiment": 6}
+              "recorded by an experiment": 6, "signature invalid": 7, "not signed": 8}
 # Two builds of one commit on different CPUs are equivalent when, for every weight the network
 # consumes, at most this fraction of its decoded values differ and the difference's L2 norm is at
 # most this fraction of the weight's (a k-means index that flips at a cluster boundary moves one
@@ -83,36 +93,6 @@ def dvc_dir_hash(package: Path) -> str:
         odb = HashFileDB(LocalFileSystem(), tmp)
         _, _, tree = build(odb, str(package.resolve()), LocalFileSystem(), "md5")
     return tree.hash_info.value
-
-
-def open_package(package: Path) -> dict[str, str]:
-    """The package's user-defined metadata; BadInput when it is no readable .mlpackage."""
-    from coremltools.proto import Model_pb2
-    from google.protobuf.message import DecodeError
-
-    if not package.exists():
-        raise BadInput(f"{package} does not exist")
-    manifest_path = package / "Manifest.json"
-    if not package.is_dir() or not manifest_path.is_file():
-        raise BadInput(f"{package} is not an .mlpackage (no Manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"{manifest_path} is corrupted: {type(exc).__name__} {exc}".strip()) from None
-    spec_path = package / "Data" / root
-    if not spec_path.is_file():
-        raise BadInput(f"{package}: the model spec {root} named by Manifest.json is missing")
-    spec = Model_pb2.Model()
-    try:
-        spec.ParseFromString(spec_path.read_bytes())
-    except DecodeError as exc:
-        raise BadInput(f"{spec_path} is corrupted: the model spec does not parse ({exc})") from None
-    metadata = dict(spec.description.metadata.userDefined)
-    if not any(key.startswith(provenance.PREFIX) for key in metadata):
-        raise BadInput(f"{package} has no provenance (no {provenance.PREFIX}* metadata): it was not made by this "
-                       "pipeline (plain coremltools?)")
-    return metadata
 
 
 @lru_cache(maxsize=None)
@@ -352,8 +332,37 @@ def platform_differences(mine: dict | None, theirs: dict | None) -> list[str]:
             for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
 
 
-def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool = False) -> dict:
+def signature_status(package: Path, verifier, directory: Path | None, required: bool) -> tuple[dict, list]:
+    """(what the report says of the package's signature, checks to add). Present and a verifier given:
+    every signing.verify check; present without one: the claimed signer, unverified."""
+    from coreml_pipeline import signing
+
+    paths = signing.signature_paths(package, directory)
+    present = [p for p in paths if p.is_file()]
+    if not present:
+        status = {"present": False, "files": [str(p) for p in paths]}
+        return status, ([("signed", False, f"no {paths[0].name} or {paths[1].name} in {paths[0].parent}: sign it with "
+                          "`python -m coreml_pipeline.tools.sign` (docs/signing.md)")] if required else [])
+    if verifier is None:
+        if required:
+            raise BadInput("--require-signature needs who must have signed: --public-key (or "
+                           f"${signing.PUBLIC_KEY_ENV}), --certificate-chain, or --identity with --oidc-issuer")
+        return {"present": True, "verified": False, "signer": signing.signer_of(present[0])}, []
+    try:
+        verified = signing.verify(package, verifier, directory)
+    except signing.SigningError as exc:
+        raise BadInput(str(exc)) from None
+    checks = verified["checks"]
+    return {"present": True, "verified": all(ok for _, ok, _ in checks), "signer": verified["signer"]}, checks
+
+
+def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool = False, verifier=None,
+          signature_dir: Path | None = None, require_signature: bool = False) -> dict:
+    """The audit's result (report_text prints it). ``verifier`` (a signing.Verifier): check the signature
+    files next to the package (or in ``signature_dir``); ``require_signature``: their absence fails."""
     record = provenance.read(open_package(package))
+    # First: a bad key or bundle is bad input before any rebuild starts, and the files are read as found.
+    signature, signature_checks = signature_status(package, verifier, signature_dir, require_signature)
     if git("rev-parse", "--git-dir", repo=repo, check=False).returncode != 0:
         raise BadInput(f"--repo {repo} is not a git repository")
     md5 = dvc_dir_hash(package)
@@ -465,8 +474,15 @@ def audit(package: Path, repo: Path, do_search: bool = False, do_rebuild: bool =
             check(f"equivalent to {comparison['against']}", comparison["equivalent"], comparison["reason"])
     result["comparisons"] = comparisons
 
+    result["signature"] = signature
+    for name, ok, detail in signature_checks:
+        check(name, ok, detail)
+
     beyond = any(not c["equivalent"] for c in comparisons)
-    if not consistent or (beyond and not result.get("platform_differences")):
+    if signature_checks and not all(ok for _, ok, _ in signature_checks):
+        # Whatever else holds, a package whose signature does not verify must not ship.
+        verdict = "not signed" if not signature["present"] else "signature invalid"
+    elif not consistent or (beyond and not result.get("platform_differences")):
         # Beyond tolerance on the recorded build's own platform: nothing but an edit explains it.
         verdict = "tampered"
     elif identical:
@@ -498,6 +514,8 @@ VERDICT_TEXT = {
     "tampered": "tampered: see the FAIL lines",
     "recorded by an experiment": "recorded by a DVC experiment, not committed yet: byte for byte the package its "
                                  "dvc.lock records; commit dvc.lock (after `dvc exp apply`) to make it history",
+    "signature invalid": "signature invalid: do not ship it; see the FAIL lines",
+    "not signed": "not signed, and --require-signature asks for a signature",
 }
 
 
@@ -533,9 +551,26 @@ def report_text(result: dict) -> str:
             lines.append(f"  {name}: {row['values_differing']} values differ ({row['fraction_differing']:.3%}), "
                          f"max abs {row['max_abs_diff']:.3g}, relative L2 {row['relative_l2']:.2e}"
                          + (f"; stored: {counts}" if counts else ""))
+    signature = result.get("signature") or {}
+    if signature.get("present") and not signature.get("verified") and signature.get("signer") and not any(
+            c["check"] == "attestation signature" for c in result["checks"]):
+        lines.append(f"signature    present, signed by {signature['signer']} (claimed); not verified: pass "
+                     "--public-key (or --certificate-chain, or --identity and --oidc-issuer)")
     lines += [f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}: {c['detail']}" for c in result["checks"]]
     lines.append(f"verdict      {VERDICT_TEXT[result['verdict']]} (exit {result['exit_code']})")
     return "\n".join(lines)
+
+
+def verifier_from_args(args: argparse.Namespace):
+    """The signing.Verifier the flags (or $COREML_COMPRESS_PUBLIC_KEY) describe; None when none does."""
+    from coreml_pipeline import signing
+
+    if args.identity or args.oidc_issuer:
+        return signing.Verifier("sigstore", identity=args.identity, oidc_issuer=args.oidc_issuer)
+    if args.certificate_chain:
+        return signing.Verifier("certificate", chain=tuple(Path(p) for p in args.certificate_chain))
+    public_key = args.public_key or os.environ.get(signing.PUBLIC_KEY_ENV)
+    return signing.Verifier("key", public_key=Path(public_key)) if public_key else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,10 +580,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--search", action="store_true", help="find every commit/experiment that produced it")
     parser.add_argument("--rebuild", action="store_true", help="re-make it from its commit here and compare")
+    signed = parser.add_argument_group("signature (docs/signing.md)")
+    signed.add_argument("--public-key", help="PEM public key the package must be signed with "
+                        "(default: $COREML_COMPRESS_PUBLIC_KEY)")
+    signed.add_argument("--certificate-chain", nargs="+", help="certificates up to a trusted root: certificate signing")
+    signed.add_argument("--identity", help="Sigstore keyless: the identity that must have signed (with --oidc-issuer)")
+    signed.add_argument("--oidc-issuer", help="Sigstore keyless: the identity's OIDC issuer")
+    signed.add_argument("--signature-dir", type=Path, help="where PKG.sig and PKG.intoto.json are "
+                        "(default: next to the package)")
+    signed.add_argument("--require-signature", action="store_true", help="fail (exit 8) when the package is not signed")
     args = parser.parse_args(argv)
     try:
-        result = audit(args.package, args.repo, args.search, args.rebuild)
-    except BadInput as exc:
+        result = audit(args.package, args.repo, args.search, args.rebuild, verifier_from_args(args),
+                       args.signature_dir, args.require_signature)
+    except (BadInput, PackageError) as exc:
         print(f"audit: {exc}", file=sys.stderr)
         return EXIT_CODES["bad input"]
     print(json.dumps(result, indent=2, default=str) if args.json else report_text(result))
