@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -29,7 +29,9 @@ LUT_DTYPES = (None, "int8", "uint8")
 DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
 # auto: CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DATA_FORMATS = ("stsb", "text", "prompts", "imagefolder")
+DATA_FORMATS = ("stsb", "pairs", "text", "prompts", "imagefolder")
+# data.format=pairs: the file types `datasets` reads, by suffix (tsv: csv with tabs).
+PAIR_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # coreml_pipeline/numerics.py: portable pins the CPU code paths (same bytes on any x86-64 CPU with AVX2); native does not.
 NUMERICS_MODES = ("portable", "native")
 PACKAGED_PREFIX = "package:"
@@ -149,9 +151,27 @@ class DataConfig:
     train_file: str = "sts-train.csv"
     # None: every pair (stsb) or sample (other formats) of the evaluation split.
     eval_max_pairs: Optional[int] = None
+    # pairs: any sentence-pair dataset with a relatedness score, as local csv, tsv, json, jsonl or
+    # parquet files (a hub dataset: `python -m coreml_pipeline.tools.import_pairs` writes it here
+    # first), its columns named here and its score range stated (scores are rescaled to STS-B's 0-5).
+    sentence1_column: str = "sentence1"
+    sentence2_column: str = "sentence2"
+    score_column: str = "score"
+    score_range: Optional[List[float]] = None
 
     def check(self, prefix: str = "data") -> None:
         check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
+        if self.format == "pairs":
+            low_high = self.score_range
+            if not (isinstance(low_high, list) and len(low_high) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in low_high)
+                    and low_high[0] < low_high[1]):
+                fail(f"{prefix}.score_range", low_high, "allowed: [low, high], two numbers with low < high "
+                     "(the scores' scale, e.g. [0, 5] for STS-B, [0, 1] for similarity labels)")
+            for key in ("calibration_file", "eval_file", "train_file"):
+                name = getattr(self, key)
+                if Path(name).suffix not in PAIR_FILE_TYPES:
+                    fail(f"{prefix}.{key}", name, f"allowed with format=pairs: a {', '.join(PAIR_FILE_TYPES)} file")
         root = Path(self.dir)
         if not root.is_dir():
             fail(f"{prefix}.dir", self.dir, f"allowed: an existing directory holding the {self.format} data")

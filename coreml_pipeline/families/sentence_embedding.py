@@ -55,7 +55,7 @@ class SentenceEmbeddingConfig(ModelConfig):
 class SentenceEmbedding(Family):
     name = "sentence_embedding"
     config = SentenceEmbeddingConfig
-    data_formats = ("stsb",)
+    data_formats = ("stsb", "pairs")
     prefix = "bert"
     output_name = "embedding"
     block_stack = True
