@@ -77,6 +77,13 @@ def test_the_shipped_example_composes_and_matches_stsb(tmp_path):
     theirs = stsb.load_pairs(DataConfig(), "sts-test.csv", max_pairs=300)
     assert mine.sentence1 == theirs.sentence1 and mine.sentence2 == theirs.sentence2
     assert mine.scores == pytest.approx(theirs.scores, abs=5e-4)  # rounded to 4 decimals on 0-1
+    # the family's own readers (calibrate, fine-tune, layer-wise samples) take the same pairs
+    from coreml_pipeline import families
+
+    family = families.get(checked["model"], checked["data"])
+    batches = family.calibration_samples(4, seed=0)
+    assert len(batches) == 4 and set(batches[0]) == {"a", "b", "label"}  # both sentences tokenized, the score
+    assert len(family.layerwise_samples(6)) == 6
 
 
 def bad(tmp_path: Path) -> list[tuple[DataConfig, str]]:
