@@ -65,6 +65,18 @@ def warn_if_capped(logger: logging.Logger, key: str, requested: int | None, used
         logger.warning("%s=%d: %s holds only %d; using %d", key, requested, what, used, used)
 
 
+def progress(iterable, what: str, total: int | None = None, unit: str = "it", file=None):
+    """``iterable`` with a progress bar (count, rate, ETA) on a terminal; on a pipe, a CI log or
+    DVC's captured output it adds nothing (tqdm's disable=None: off unless the stream is a TTY).
+    PIPELINE_PROGRESS=0 turns it off everywhere."""
+    from tqdm.auto import tqdm
+
+    stream = file if file is not None else sys.stderr
+    disable = None if os.environ.get("PIPELINE_PROGRESS", "1") != "0" else True
+    return tqdm(iterable, desc=what, total=total, unit=unit, file=stream, disable=disable, leave=False,
+                mininterval=1.0, dynamic_ncols=True)
+
+
 @contextmanager
 def timed(logger: logging.Logger, what: str):
     start = time.perf_counter()

@@ -184,7 +184,7 @@ def encode(
     """Embeddings of ``sentences`` (float32, one row each)."""
     encoder = SentenceEncoder(bert, cfg.normalize).eval()
     out = []
-    for start in range(0, len(sentences), batch_size):
+    for start in runtime.progress(range(0, len(sentences), batch_size), "embeddings", unit="batch"):
         batch = tokenize(tokenizer, sentences[start:start + batch_size], cfg.max_length)
         out.append(encoder(batch["input_ids"], batch["attention_mask"]))
     return torch.cat(out) if out else torch.empty(0)

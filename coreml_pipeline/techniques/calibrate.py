@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from coreml_pipeline.model import compressible_weights
+from coreml_pipeline.runtime import progress
 
 # coremltools' SKMPalettizer._SENSITIVITY_CLIP_THR: sensitivities are clipped to at least this.
 SENSITIVITY_FLOOR = 1e-12
@@ -32,7 +33,7 @@ def fisher_sensitivity(model: torch.nn.Module, batches: list, loss_fn: Callable,
     hooks = [p.register_hook(torch.square) for p in parameters.values() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     try:
-        for batch in batches:
+        for batch in progress(batches, "sensitivity", unit="sample"):
             loss_fn(model, batch).backward()
     finally:
         for hook in hooks:

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from coreml_pipeline.config.schema import FinetuneConfig, QuantizeConfig
 from coreml_pipeline.model import COREML_PREFIX, PALETTIZATION, compression_types
+from coreml_pipeline.runtime import progress
 from coreml_pipeline.techniques.methods import finetune as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.registry import get
 
@@ -61,7 +62,7 @@ def train(model: torch.nn.Module, cfg: FinetuneConfig, data, loss: Callable, log
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
     recent: list[float] = []
-    for step, batch in enumerate(data, start=1):
+    for step, batch in enumerate(progress(data, f"finetune {cfg.method}", total=cfg.steps, unit="step"), start=1):
         value = loss(model, batch)
         optimizer.zero_grad()
         value.backward()

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from coreml_pipeline.runtime import warn_if_capped
+from coreml_pipeline.runtime import progress, warn_if_capped
 
 log = logging.getLogger("pipeline.layerwise")
 # The count each algorithm's samples come from, named in the warning when the data holds fewer.
@@ -63,7 +63,7 @@ def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, f
     algorithm_class = LayerwiseCompressionAlgorithm.get_class(algorithm)
     wrapped = family.wrap(model).eval().to(device)
     groups = layer_groups(model, budget)
-    for index, group in enumerate(groups):
+    for index, group in enumerate(progress(groups, algorithm, unit="layer group")):
         workers = {name: algorithm_class(layer, config) for name, layer in group}
         hooks = [layer.register_forward_hook(
                      lambda _, inputs, output, worker=workers[name]: worker.add_batch(inputs[0].data, output.data))

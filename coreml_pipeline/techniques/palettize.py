@@ -156,7 +156,8 @@ def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
     from coreml_pipeline.coreml.private import register_metadata_version
     from coreml_pipeline.kmeans import cluster_groups
 
-    for name, module, axis, n_bits, groups in _weight_groups(model, cfg):
+    layers = list(_weight_groups(model, cfg))
+    for name, module, axis, n_bits, groups in runtime.progress(layers, "k-means (exact_dp)", unit="layer"):
         importance = None
         if sensitivity is not None:
             importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis,
