@@ -35,6 +35,8 @@ CASES = {
                                            "quantize.num_samples=4"]),
     "causal_lm-gpt2-sparse_gpt-palettize": ("gpt2", ["prune=sparse_gpt", "prune.num_samples=4"]),
     "image_classifier-exact_dp": ("image_classifier", ["palettize.kmeans_solver=exact_dp"]),
+    # Real weights: EfficientNet-Lite0 from its package (conv, depthwise conv, linear head) on real photographs.
+    "efficientnet_lite0-real-sparse_gpt": ("efficientnet_lite0", ["prune=sparse_gpt", "prune.num_samples=2"]),
     "custom-gptq-coreml_side": ("custom", ["palettize=none", "quantize=gptq", "quantize.dtype=uint8",
                                            "quantize.granularity=per_channel", "~quantize.block_size",
                                            "quantize.num_samples=4", "coreml=compare"]),
@@ -79,6 +81,15 @@ def test_structure_every_stage_through_conversion(case, tmp_path, monkeypatch):
         # The image folders are named after the tiny model's classes, so accuracy is computed.
         assert 0 <= metrics["top1_agreement"] <= 1 and 0 <= metrics["accuracy"] <= 1
         assert metrics["float_accuracy"] == round(out["baseline"]["accuracy"], 6) and metrics["num_images"] == 9
+    if family == "efficientnet_lite0":
+        assert metrics["num_images"] == 4 and metrics["samples_used"] == {"calibrate.num_samples": 4,
+                                                                           "prune.num_samples": 2}
+        assert 0 <= metrics["top1_agreement"] <= metrics["top5_agreement"] <= 1 and metrics["kl_divergence"] >= 0
+        assert "not computed" in metrics["accuracy"]  # the photographs carry no labels
+        kinds = {r["layer"].rsplit(".", 1)[-1]: r["technique"] for r in layers}
+        assert kinds["_conv_stem"] == kinds["_project_conv"] == kinds["_fc"] == "pruning+palettization"
+        # coremltools' SparseGPT cannot update a grouped convolution: the depthwise ones are palettized only
+        assert kinds["_depthwise_conv"] == "palettization"
     if case.startswith("sd_unet"):
         # SparseGPT at 40% of every conv and linear weight (the norms and biases stay dense).
         assert 0.37 < metrics["sparsity"] < 0.41

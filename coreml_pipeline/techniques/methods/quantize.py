@@ -71,6 +71,5 @@ class GPTQ(QuantizeMethod):
         from coreml_pipeline.techniques.quantize import module_config, outside_blocks
 
         model = layerwise.compress(model, "gptq", module_config(cfg), cfg.num_samples, device, family, samples, blocks)
-        if family is None or family.block_stack:  # the block walk leaves layers outside the stack (a head)
-            outside_blocks(model, cfg)
+        outside_blocks(model, cfg)  # the layers GPTQ left: outside the block stack (a head), grouped convolutions
         return model

@@ -1,0 +1,136 @@
+"""Real weights beyond MiniLM, measured through every stage: EfficientNet-Lite0 (its package) on the real
+photographs of data/photos.
+
+    python -m bench.real_models                 # every recipe
+    python -m bench.real_models int8-per-channel
+    python -m bench.real_models --table         # rebuild the table from bench/results/efficientnet_lite0.json
+
+Each recipe runs dvc.yaml's stages in this process (coreml_pipeline.tools.inprocess) in a temporary
+folder, then evaluate again on the calibration split: the dev split the default is chosen on
+(test: data/photos/eval, 10 images; dev: data/photos/calibration, 6 images). The table goes to
+bench/results/efficientnet_lite0.md and between the markers in docs/families.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "families.md"
+MODEL = ["model=efficientnet_lite0", f"data.dir={ROOT / 'data/photos'}"]
+G16 = ["palettize.group_size=16"]
+NO_PALETTE = ["palettize=none"]
+RECIPES: list[tuple[str, list[str], str]] = [
+    ("kmeans-4bit-g16", ["palettize=kmeans"], "data-free k-means 4-bit, group 16"),
+    ("skm-4bit-g16", G16, "sensitive k-means 4-bit, group 16"),
+    ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the pipeline's default recipe)"),
+    ("skm-6bit-g16", G16 + ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
+    ("skm-8bit-g16", G16 + ["palettize.n_bits=8"], "sensitive k-means 8-bit, group 16"),
+    ("int8-per-channel", NO_PALETTE + ["quantize=int8"], "linear int8, symmetric, per channel"),
+    # Per block does not apply: the stem has 3 input channels and each depthwise conv 1 (validate refuses it).
+    ("int4-per-channel", NO_PALETTE + ["quantize=int4_block", "quantize.granularity=per_channel", "~quantize.block_size"],
+     "linear int4, symmetric, per channel"),
+    ("gptq-uint4-per-channel", NO_PALETTE + ["quantize=gptq", "quantize.granularity=per_channel", "~quantize.block_size"],
+     "GPTQ uint4, per channel (depthwise convs data-free)"),
+    ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"] + G16,
+     "40% SparseGPT (depthwise convs unpruned), then sensitive k-means 4-bit, group 16"),
+]
+COMPRESSING = ("prune", "calibrate", "palettize", "quantize")
+
+
+def run_recipe(name: str, overrides: list[str], work: Path) -> dict:
+    """The recipe's stages in ``work``, timed; then evaluate on the dev split."""
+    from coreml_pipeline.config.compose import compose_text
+    from coreml_pipeline.tools.inprocess import run_stages
+
+    params = work / "params.yaml"
+    params.write_text(compose_text(MODEL + overrides), encoding="utf-8")
+    seconds = {}
+    start = time.perf_counter()
+    for stage in ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert",
+                  "baseline", "coreml_compress", "evaluate"):
+        began = time.perf_counter()
+        run_stages(params, only=(stage,))
+        seconds[stage] = round(time.perf_counter() - began, 1)
+    total = round(time.perf_counter() - start, 1)
+    test = json.loads((work / "metrics/evaluate.json").read_text())
+    dev_params = yaml.safe_load(params.read_text())
+    dev_params["data"]["eval_file"] = dev_params["data"]["calibration_file"]
+    params.write_text(yaml.safe_dump(dev_params, sort_keys=False), encoding="utf-8")
+    run_stages(params, only=("baseline", "evaluate"))
+    dev = json.loads((work / "metrics/evaluate.json").read_text())
+    return {"name": name, "overrides": overrides, "seconds": total, "stage_seconds": seconds,
+            "compression_seconds": round(sum(seconds[s] for s in COMPRESSING), 1), "test": test, "dev": dev}
+
+
+def quality(m: dict) -> str:
+    return f"{m['top1_agreement']:.2f} | {m['top5_agreement']:.2f} | {m['kl_divergence']:.3f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| recipe | size MB | ratio to fp16 | test: top-1 agreement | top-5 | KL | dev: top-1 agreement | top-5 | KL "
+             "| meets target on dev | compression s | all stages s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|"]
+    first = rows[0]["test"]
+    lines.append(f"| float16 (no compression) | {first['float16_package_bytes'] / 1e6:.2f} | 1.000 | 1.00 | 1.00 | 0.000 "
+                 "| 1.00 | 1.00 | 0.000 | | | |")
+    for row in rows:
+        test, dev = row["test"], row["dev"]
+        lines.append(f"| `{row['name']}`: {row['description']} | {test['package_bytes'] / 1e6:.2f} | {test['size_ratio']:.3f} "
+                     f"| {quality(test)} | {quality(dev)} | {'yes' if dev['meets_target'] else 'no'} "
+                     f"| {row['compression_seconds']:.0f} | {row['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(table: str) -> None:
+    text = DOC.read_text(encoding="utf-8")
+    begin, end = "<!-- efficientnet:start -->", "<!-- efficientnet:end -->"
+    head, rest = text.split(begin, 1)
+    DOC.write_text(head + begin + "\n" + table + end + rest.split(end, 1)[1], encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="recipes to run (default: all)")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from stored results")
+    args = parser.parse_args(argv)
+    known = [name for name, _, _ in RECIPES]
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        parser.error(f"unknown recipe {', '.join(unknown)}; allowed: {', '.join(known)}")
+    store = RESULTS / "efficientnet_lite0.json"
+    stored = {row["name"]: row for row in json.loads(store.read_text())} if store.is_file() else {}
+    descriptions = {name: text for name, _, text in RECIPES}
+    sys.path.insert(0, str(ROOT))  # the stages package, for the in-process runs
+    for name, overrides, _ in [] if args.table else RECIPES:
+        if args.names and name not in args.names:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            import os
+
+            here = os.getcwd()
+            os.chdir(tmp)
+            try:
+                stored[name] = run_recipe(name, overrides, Path(tmp))
+            finally:
+                os.chdir(here)
+        print(f"{name}: {stored[name]['test']['package_bytes']} bytes, test top-1 {stored[name]['test']['top1_agreement']}, "
+              f"dev top-1 {stored[name]['dev']['top1_agreement']}, {stored[name]['seconds']} s", flush=True)
+        store.write_text(json.dumps(list(stored.values()), indent=2) + "\n", encoding="utf-8")
+    rows = [{**stored[n], "description": descriptions[n]} for n in known if n in stored]
+    table = markdown(rows)
+    (RESULTS / "efficientnet_lite0.md").write_text(table, encoding="utf-8")
+    write_doc(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
