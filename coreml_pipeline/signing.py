@@ -213,7 +213,11 @@ def _model_signing_signer(signer: Signer):
         load_private_key(signer.private_key, signer.password)
         for path in (signer.certificate, *signer.chain):
             _read_key_file(path, "certificate")
-        return sign_certificate.Signer(Path(signer.private_key), Path(signer.certificate), [Path(p) for p in signer.chain])
+        try:
+            return sign_certificate.Signer(Path(signer.private_key), Path(signer.certificate),
+                                           [Path(p) for p in signer.chain])
+        except ValueError as exc:  # not the key's certificate, or not a PEM certificate
+            raise SigningError(f"certificate {signer.certificate}: {str(exc).splitlines()[0]}") from None
     if signer.kind == "sigstore":
         return sign_sigstore.Signer(identity_token=signer.identity_token, use_staging=signer.use_staging,
                                     use_ambient_credentials=signer.identity_token is None)
@@ -326,7 +330,7 @@ def verify(package: Path, verifier: Verifier, directory: Path | None = None) -> 
         try:
             config.verify(package, sig_path)
             checks.append(("signature over every file", True, f"{sig_path.name}: signed by {signer}"))
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 - model-signing raises ValueError, OpenSSL its chain errors
             checks.append(("signature over every file", False, f"{sig_path.name}: {_one_line(exc)}"))
 
     if attestation_path.is_file():
@@ -334,7 +338,7 @@ def verify(package: Path, verifier: Verifier, directory: Path | None = None) -> 
         try:
             payload_type, payload = backend._verify_signed_content(bundle)
             statement = json.loads(payload)
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 - as above: any failure to verify is a failed check
             checks.append(("attestation signature", False, f"{attestation_path.name}: {_one_line(exc)}"))
             return {"signer": signer, "checks": checks}
         checks.append(("attestation signature", True, f"{attestation_path.name}: signed by {signer}"))
@@ -344,7 +348,8 @@ def verify(package: Path, verifier: Verifier, directory: Path | None = None) -> 
 
 def _one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split())
-    return text[:400] if text else type(exc).__name__
+    kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+    return (kind + text)[:400] if text else type(exc).__name__
 
 
 def _check_statement(package: Path, statement: dict[str, Any]) -> list[tuple[str, bool, str]]:

@@ -267,3 +267,61 @@ def test_bad_verification_input_is_one_line(project, tmp_path, capsys):
     code, text = audited(package, project, capsys, "--public-key", str(public))
     assert code == audit.EXIT_CODES["bad input"]
     assert text.strip().startswith(f"audit: {signing.signature_paths(package)[0]} is not a Sigstore bundle")
+
+
+def write_certificates(folder: Path) -> dict[str, Path]:
+    """A root CA, a code-signing leaf it issued (with its key), and an unrelated root: made here, never kept."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(key, subject, issuer_key, issuer, ca):
+        named = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
+        start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(named(subject)).issuer_name(named(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=False,
+                                                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                                key_cert_sign=ca, crl_sign=ca, encipher_only=False,
+                                                decipher_only=False), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.RFC822Name("release@example.com")]),
+                                            critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in ("root", "leaf", "other")}
+    made = {"root": certificate(keys["root"], "Test Root", keys["root"], "Test Root", True),
+            "leaf": certificate(keys["leaf"], "release signer", keys["root"], "Test Root", False),
+            "other": certificate(keys["other"], "Other Root", keys["other"], "Other Root", True)}
+    paths = {name: folder / f"{name}.crt" for name in made}
+    for name, cert in made.items():
+        paths[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["leaf_key"] = folder / "leaf.key"
+    paths["leaf_key"].write_bytes(keys["leaf"].private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    return paths
+
+
+def test_certificate_signing_names_the_signer_and_needs_the_right_root(project, tmp_path, capsys):
+    paths = write_certificates(tmp_path)
+    package = package_copy(project, tmp_path / "pkg")
+    assert sign.main([str(package), "--key", str(paths["leaf_key"]), "--certificate", str(paths["leaf"]),
+                      "--chain", str(paths["root"])]) == 0
+    code, text = audited(package, project, capsys, "--certificate-chain", str(paths["root"]))
+    assert code == 0, text
+    assert "PASS  signature over every file: model.mlpackage.sig: signed by certificate release@example.com" in text
+    assert "PASS  predicate matches the package's provenance" in text
+    code, text = audited(package, project, capsys, "--certificate-chain", str(paths["other"]))
+    assert code == audit.EXIT_CODES["signature invalid"] and "Traceback" not in text
+    assert "FAIL  signature over every file: model.mlpackage.sig: X509StoreContextError: " in text
+    # a certificate that is not the key's: one line, nothing written
+    other_package = package_copy(project, tmp_path / "pkg2")
+    assert sign.main([str(other_package), "--key", str(paths["leaf_key"]), "--certificate", str(paths["root"])]) == 2
+    assert capsys.readouterr().err.strip() == (f"sign: certificate {paths['root']}: The public key from the certificate "
+                                               "does not match the public key paired with the private key")
+    assert sorted(p.name for p in other_package.parent.iterdir()) == ["model.mlpackage"]
