@@ -34,10 +34,11 @@ RECIPES: list[tuple[str, list[str], str]] = [
     ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the pipeline's default recipe)"),
     ("skm-6bit-g16", G16 + ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
     ("skm-8bit-g16", G16 + ["palettize.n_bits=8"], "sensitive k-means 8-bit, group 16"),
-    ("int8-per-channel", NO_PALETTE + ["quantize=int8"], "linear int8, symmetric, per channel"),
+    ("int8-per-channel", NO_PALETTE + ["quantize=int8"],
+     "linear int8, symmetric, per channel (only the head stays int8: see below)"),
     # Per block does not apply: the stem has 3 input channels and each depthwise conv 1 (validate refuses it).
     ("int4-per-channel", NO_PALETTE + ["quantize=int4_block", "quantize.granularity=per_channel", "~quantize.block_size"],
-     "linear int4, symmetric, per channel"),
+     "linear int4, symmetric, per channel (only the head stays int4: see below)"),
     ("gptq-uint4-per-channel", NO_PALETTE + ["quantize=gptq", "quantize.granularity=per_channel", "~quantize.block_size"],
      "GPTQ uint4, per channel (depthwise convs data-free)"),
     ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"] + G16,
@@ -79,10 +80,14 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| recipe | size MB | ratio to fp16 | test: top-1 agreement | top-5 | KL | dev: top-1 agreement | top-5 | KL "
              "| meets target on dev | compression s | all stages s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|"]
-    first = rows[0]["test"]
+    first = next(row["test"] for row in rows if "test" in row)
     lines.append(f"| float16 (no compression) | {first['float16_package_bytes'] / 1e6:.2f} | 1.000 | 1.00 | 1.00 | 0.000 "
                  "| 1.00 | 1.00 | 0.000 | | | |")
     for row in rows:
+        if "error" in row:
+            lines.append(f"| `{row['name']}`: {row['description']} | failed: {row['error'].splitlines()[0]} "
+                         "| | | | | | | | | | |")
+            continue
         test, dev = row["test"], row["dev"]
         lines.append(f"| `{row['name']}`: {row['description']} | {test['package_bytes'] / 1e6:.2f} | {test['size_ratio']:.3f} "
                      f"| {quality(test)} | {quality(dev)} | {'yes' if dev['meets_target'] else 'no'} "
@@ -120,10 +125,15 @@ def main(argv: list[str] | None = None) -> None:
             os.chdir(tmp)
             try:
                 stored[name] = run_recipe(name, overrides, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - a recipe that fails is a row saying why, not a lost run
+                stored[name] = {"name": name, "overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(f"{name}: failed: {stored[name]['error']}", flush=True)
             finally:
                 os.chdir(here)
-        print(f"{name}: {stored[name]['test']['package_bytes']} bytes, test top-1 {stored[name]['test']['top1_agreement']}, "
-              f"dev top-1 {stored[name]['dev']['top1_agreement']}, {stored[name]['seconds']} s", flush=True)
+        if "error" not in stored[name]:
+            print(f"{name}: {stored[name]['test']['package_bytes']} bytes, test top-1 "
+                  f"{stored[name]['test']['top1_agreement']}, dev top-1 {stored[name]['dev']['top1_agreement']}, "
+                  f"{stored[name]['seconds']} s", flush=True)
         store.write_text(json.dumps(list(stored.values()), indent=2) + "\n", encoding="utf-8")
     rows = [{**stored[n], "description": descriptions[n]} for n in known if n in stored]
     table = markdown(rows)
