@@ -28,14 +28,15 @@ def test_params_yaml_is_the_composition_of_conf():
     ["palettize=none", "quantize=gptq"], ["prune=magnitude", "palettize=none", "quantize=int8"],
     ["palettize.lut_dtype=int8"], ["palettize=kmeans", "palettize.cluster_dim=2"], ["coreml=compare"],
     ["finetune=dkm", "palettize=kmeans"], ["finetune=qat", "palettize=none", "quantize=int8"],
-    ["finetune=gradual_prune", "palettize=kmeans"], ["runtime=native"],
+    ["finetune=gradual_prune", "palettize=kmeans"], ["runtime=native"], ["sign=key"], ["sign=sigstore"],
+    ["data=pairs"],
 ])
 def test_every_config_group_composes_into_a_valid_config(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     sections = validate(OmegaConf.to_container(cfg, resolve=True))
     assert set(sections) == {"model", "data", "prune", "finetune", "calibrate", "palettize", "quantize", "coreml",
-                             "convert", "evaluate", "runtime"}
+                             "convert", "evaluate", "runtime", "sign"}
 
 
 BAD_VALUES = [
@@ -100,7 +101,7 @@ def test_magnitude_pruning_needs_a_sparsity():
 
 
 @pytest.mark.parametrize("stage", ["inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert",
-                                   "baseline", "coreml_compress", "evaluate"])
+                                   "baseline", "coreml_compress", "evaluate", "sign"])
 def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     params = yaml.safe_load(config.PARAMS.read_text())
     bad = tmp_path / "params.yaml"
@@ -108,18 +109,20 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     out = tmp_path / "existing-output"
     out.write_text("cached result")
     # Every stage validates the whole file first; the output arguments are never reached.
+    inp = str(out)  # an input that exists: a missing one is refused first, by argparse
     args = {"inspect": ["--out", str(out)], "validate": ["--out", str(out)], "prune": ["--out", str(out)],
-            "calibrate": ["--weights", "x", "--out", str(out)],
-            "palettize": ["--weights", "x", "--sensitivity", "x", "--out", str(out)],
-            "quantize": ["--weights", "x", "--out", str(out)],
-            "finetune": ["--weights", "x", "--out", str(out)],
-            "coreml_compress": ["--float-package", "x", "--float-embeddings", "x", "--float-report", "x",
+            "calibrate": ["--weights", inp, "--out", str(out)],
+            "palettize": ["--weights", inp, "--sensitivity", inp, "--out", str(out)],
+            "quantize": ["--weights", inp, "--out", str(out)],
+            "finetune": ["--weights", inp, "--out", str(out)],
+            "coreml_compress": ["--float-package", inp, "--float-embeddings", inp, "--float-report", inp,
                                 "--out", str(out), "--metrics", str(out)],
-            "convert": ["--weights", "x", "--out", str(out), "--report", str(out)],
+            "convert": ["--weights", inp, "--out", str(out), "--report", str(out)],
             "baseline": ["--package", str(out), "--embeddings", str(out), "--report", str(out)],
-            "evaluate": ["--weights", "x", "--package", "x", "--readback", "x", "--float-embeddings", "x",
-                         "--float-report", "x", "--metrics", str(out), "--layers", str(out), "--similarities", str(out),
-                         "--tradeoff", str(out)]}
+            "evaluate": ["--weights", inp, "--package", inp, "--readback", inp, "--float-embeddings", inp,
+                         "--float-report", inp, "--metrics", str(out), "--layers", str(out), "--similarities", str(out),
+                         "--tradeoff", str(out)],
+            "sign": ["--package", inp, "--metrics", inp, "--layers", inp, "--out", str(out)]}
     result = run([sys.executable, "-m", f"stages.{stage}", "--params", str(bad), *args[stage]], ROOT, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: palettize.n_bits=5 is not allowed; allowed: 1, 2, 3, 4, 6, 8"

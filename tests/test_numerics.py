@@ -71,8 +71,8 @@ def test_a_bad_numerics_mode_is_one_line_before_any_work(tmp_path):
     params["runtime"]["numerics"] = "fast"
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    result = run([sys.executable, "-m", "stages.calibrate", "--params", str(path), "--weights", "missing",
-                  "--out", str(tmp_path / "out.safetensors")], ROOT, check=False)
+    result = run([sys.executable, "-m", "stages.calibrate", "--params", str(path), "--weights", str(path),
+                  "--out", str(tmp_path / "out.safetensors")], ROOT, check=False)  # an input that exists
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: runtime.numerics='fast' is not allowed; allowed: portable, native"
     assert not (tmp_path / "out.safetensors").exists()

@@ -107,7 +107,9 @@ def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reprodu
     # A downstream-only change: prune, finetune, calibrate, the baseline and the (off) Core ML side are skipped.
     set_param(project, "palettize.group_size", 64)
     second = run(["dvc", "repro"], project)
-    assert stages_run(second.stdout + second.stderr) == {"validate", "palettize", "quantize", "convert", "evaluate"}
+    # sign (off) reruns on the new package: it only writes status.json
+    assert stages_run(second.stdout + second.stderr) == {"validate", "palettize", "quantize", "convert", "evaluate",
+                                                         "sign"}
     layers = (project / "metrics/layers.csv").read_text()
     assert "encoder.layer.0.intermediate.dense,1536x384,pruning+palettization" in layers
 
@@ -184,7 +186,7 @@ def test_sweeps_through_dvc_experiments_reuse_upstream_stages(reproduced):
     point is a DVC experiment; what an earlier run made is restored, not recomputed."""
     project, _ = reproduced  # its run-cache holds the reduced recipe with palettize.group_size=32
     base = [o for o in REDUCED_OVERRIDES if not o.startswith("palettize.group_size=")]
-    downstream = ["evaluate", "palettize", "quantize", "convert", "validate"]
+    downstream = ["evaluate", "palettize", "quantize", "convert", "validate", "sign"]
 
     # Two jobs at once through joblib; group 16 is new, so only the stages after calibrate run.
     grid = project / "sweeps/grid"
