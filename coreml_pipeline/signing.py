@@ -95,10 +95,10 @@ def _read_key_file(path: Path | None, what: str) -> bytes:
         raise SigningError(f"{what} {path} cannot be read: {exc.strerror}") from None
 
 
-def _check_curve(key, path: Path, what: str) -> None:
+def _check_curve(public, path: Path, what: str) -> None:
+    """``public`` (the key, or a private key's public half) is on a curve model-signing signs with."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    public = key.public_key() if hasattr(key, "public_key") and not isinstance(key, ec.EllipticCurvePublicKey) else key
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise SigningError(f"{what} {path} is a {type(public).__name__.removeprefix('_')} key; allowed: elliptic-curve "
                            "keys on P-256, P-384 or P-521 (model-signing's key signer)")
@@ -119,7 +119,7 @@ def load_private_key(path: Path | None, password: str | None):
     except ValueError as exc:
         reason = "wrong passphrase" if password is not None and "decrypt" in str(exc).lower() else "not a PEM private key"
         raise SigningError(f"private key {path}: {reason} ({str(exc).splitlines()[0]})") from None
-    _check_curve(key, path, "private key")
+    _check_curve(key.public_key(), path, "private key")
     return key
 
 
@@ -150,6 +150,12 @@ def package_manifest(package: Path):
     return hashing.Config().hash(package)
 
 
+def compression_claims(record: dict[str, Any]) -> dict[str, Any]:
+    """What the predicate states of a package from its decoded provenance: every entry but the tool
+    versions (the predicate's own "tools") and the weights hash (checked against the files)."""
+    return {key: record[key] for key in provenance.KEYS if key not in ("versions", "weights_sha256")}
+
+
 def root_digest(manifest) -> str:
     """The package's digest as model-signing's subject gives it: sha256 over every file's digest in order."""
     from model_signing._signing.signing import Payload
@@ -169,7 +175,7 @@ def predicate(package: Path, metrics: Path | None = None, layers: Path | None = 
     tools = dict(record.get("versions") or {})
     tools["model-signing"] = model_signing.__version__
     out: dict[str, Any] = {
-        "compression": {key: record[key] for key in provenance.KEYS if key not in ("versions", "weights_sha256")},
+        "compression": compression_claims(record),
         "weights_sha256": provenance.package_weights_sha256(package),
         "tools": tools,
     }
@@ -290,20 +296,12 @@ def signer_of(path: Path) -> str:
         from cryptography import x509
 
         cert = x509.load_der_x509_certificate(base64.b64decode(certificate["rawBytes"]))
-        names = [n.value for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value] \
-            if _has_san(cert) else []
-        return f"certificate {', '.join(map(str, names)) or cert.subject.rfc4514_string()}"
+        try:  # the identity a code-signing certificate names: its subject alternative names
+            names = [str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+        except x509.ExtensionNotFound:
+            names = []
+        return f"certificate {', '.join(names) or cert.subject.rfc4514_string()}"
     return "unknown"
-
-
-def _has_san(cert) -> bool:
-    from cryptography import x509
-
-    try:
-        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        return True
-    except x509.ExtensionNotFound:
-        return False
 
 
 def verify(package: Path, verifier: Verifier, directory: Path | None = None) -> dict[str, Any]:
@@ -365,7 +363,7 @@ def _check_statement(package: Path, statement: dict[str, Any]) -> list[tuple[str
                    f"signed {subjects[0].get('name')} sha256:{signed}; this package sha256:{digest}"))
     body = statement.get("predicate") or {}
     record = _provenance_of(package)
-    mine = {key: record[key] for key in provenance.KEYS if key not in ("versions", "weights_sha256")}
+    mine = compression_claims(record)
     theirs = body.get("compression") or {}
     differing = [key for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
     checks.append(("predicate matches the package's provenance", not differing,
