@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     status = {"enabled": cfg.enabled}
     if cfg.enabled:
-        signer = signing.signer_from_config(cfg.signer)
         try:
+            signer = signing.signer_from_config(cfg.signer)  # a certificate signer without its path: one line too
             with runtime.timed(log, f"sign signer={cfg.signer}"):
                 # Signed into a fresh folder, then swapped in: a failure leaves the previous output whole.
                 staging = out.with_name(out.name + ".signing")
