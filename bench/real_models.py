@@ -31,7 +31,7 @@ NO_PALETTE = ["palettize=none"]
 RECIPES: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-g16", ["palettize=kmeans"], "data-free k-means 4-bit, group 16"),
     ("skm-4bit-g16", G16, "sensitive k-means 4-bit, group 16"),
-    ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the pipeline's default recipe)"),
+    ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4"),
     ("skm-6bit-g16", G16 + ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
     ("skm-8bit-g16", G16 + ["palettize.n_bits=8"], "sensitive k-means 8-bit, group 16"),
     ("int8-per-channel", NO_PALETTE + ["quantize=int8"],

@@ -32,8 +32,8 @@ RECIPES: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-g16", ["palettize=kmeans"], "k-means 4-bit, group 16, embeddings too"),
     ("skm-4bit-g16", ["palettize.group_size=16"], "sensitive k-means 4-bit, group 16, embeddings too"),
     ("skm-4bit-g8", ["palettize.group_size=8"], "sensitive k-means 4-bit, group 8"),
-    ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the default recipe)"),
-    ("skm-4bit-g1", ["palettize.group_size=1"], "sensitive k-means 4-bit, one table per channel"),
+    ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4 (the default until 2026-12-04)"),
+    ("skm-4bit-g1", [], "sensitive k-means 4-bit, one table per channel (the default recipe)"),
     ("skm-4bit-g16-emb6", ["palettize.group_size=16", "palettize.embeddings.n_bits=6"],
      "sensitive k-means 4-bit, group 16, embeddings 6-bit"),
     ("skm-6bit-g16", ["palettize.n_bits=6", "palettize.group_size=16"], "sensitive k-means 6-bit, group 16"),
@@ -48,7 +48,7 @@ LINEAR_ONLY = ["palettize.embeddings.enabled=false"]
 # Every technique of coremltools.optimize, one config switch each (docs/techniques.md).
 # Rows named coreml-* are the Core ML side (coremltools.optimize.coreml on the float16 package).
 TECHNIQUES: list[tuple[str, list[str], str]] = [
-    ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the default)"),
+    ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4 (the default until 2026-12-04)"),
     ("kmeans-4bit-per-tensor", KMEANS + ["palettize.granularity=per_tensor", "palettize.group_size=null"],
      "k-means 4-bit, one table per tensor"),
     ("kmeans-4bit-g16", KMEANS, "k-means 4-bit, group 16"),
@@ -71,7 +71,8 @@ TECHNIQUES: list[tuple[str, list[str], str]] = [
     ("magnitude-2of4-int8", ["prune=magnitude", "prune.n_m_ratio=[2,4]"] + NO_PALETTE + ["quantize=int8"],
      "2:4 magnitude pruning + int8 per channel (sparse quantization)"),
     ("sparsegpt40-int8", ["prune=sparse_gpt"] + NO_PALETTE + ["quantize=int8"], "40% SparseGPT + int8 per channel"),
-    ("coreml-kmeans-4bit-g4", ["coreml=compare"], "Core ML side: the default recipe as data-free k-means"),
+    ("coreml-kmeans-4bit-g4", ["palettize.group_size=4", "coreml=compare"],
+     "Core ML side: sensitive k-means 4-bit, group 4, as data-free k-means"),
     ("coreml-int4-per-block-32", NO_PALETTE + ["quantize=int4_block", "coreml=compare"],
      "Core ML side: linear int4, per block of 32"),
     ("kmeans-2bit-g16-linear", KMEANS + ["palettize.n_bits=2"] + LINEAR_ONLY,
@@ -89,7 +90,7 @@ TECHNIQUES: list[tuple[str, list[str], str]] = [
 # Mixed-bit recipes written by `python -m coreml_pipeline.tools.mixed_bit` (conf/palettize/mixed_*.yaml) beside
 # the best uniform recipe meeting the target (docs/sweeps.md "Mixed-bit recipes").
 MIXED: list[tuple[str, list[str], str]] = [
-    ("skm-4bit-g4", [], "uniform: sensitive k-means 4-bit, group 4 (the default)"),
+    ("skm-4bit-g4", ["palettize.group_size=4"], "uniform: sensitive k-means 4-bit, group 4 (the default until 2026-12-04)"),
     ("mixed-g16-cos097", ["palettize=mixed_g16_cos097"],
      "mixed 2/4/6-bit, group 16: smallest recipe the generator measured at cosine >= 0.97"),
     ("mixed-g16-margin", ["palettize=mixed_g16_margin"],
@@ -109,9 +110,9 @@ SELECTION: list[tuple[str, list[str], str]] = [
         ("mixed-g16-margin", ["palettize=mixed_g16_margin"], "mixed 2/4/6/8-bit, group 16 (MiniLM only)"),
         ("skm-4bit-g16", ["palettize.group_size=16"], "sensitive k-means 4-bit, group 16"),
         ("skm-4bit-g8", ["palettize.group_size=8"], "sensitive k-means 4-bit, group 8"),
-        ("skm-4bit-g4", [], "sensitive k-means 4-bit, group 4 (the default)"),
+        ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4 (the default until 2026-12-04)"),
         ("mixed-g16-11mb", ["palettize=mixed_g16_11mb"], "mixed 2/6/8-bit, group 16 (MiniLM only)"),
-        ("skm-4bit-g1", ["palettize.group_size=1"], "sensitive k-means 4-bit, one table per channel"),
+        ("skm-4bit-g1", [], "sensitive k-means 4-bit, one table per channel (the default)"),
     ]
 ]
 
