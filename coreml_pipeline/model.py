@@ -109,6 +109,18 @@ def compressible_weights(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn
             yield name, module
 
 
+def subclass_configs(model: torch.nn.Module, kinds: tuple[str, ...], config: dict | None) -> dict:
+    """``module_name_configs`` entries giving ``config`` to every layer that is an instance of one of
+    torch.nn's ``kinds`` under another class name. coremltools' ``module_type_configs`` match the class
+    name exactly, so a subclass (EfficientNet-Lite's Conv2dStaticSamePadding, every convolution of it)
+    would otherwise be skipped without a word."""
+    import re
+
+    classes = tuple(getattr(torch.nn, kind) for kind in kinds)
+    return {re.escape(name): config for name, module in model.named_modules()
+            if isinstance(module, classes) and type(module).__name__ not in kinds}
+
+
 def layer_shapes(model: torch.nn.Module) -> list[dict]:
     """Name, kind (Linear, Conv2d, Embedding, ...) and weight shape of every compressible layer:
     what validation checks shape-dependent options against (the inspect stage writes it)."""
@@ -126,3 +138,65 @@ def compression_types(module: torch.nn.Module) -> list[int]:
     """The coremltools compressions applied to ``module.weight``, in order ([] for none)."""
     kinds = compression_metadata(module, "compression_type")
     return [] if kinds is None else [int(k) for k in kinds.tolist()]
+
+
+def fold_batchnorms(model: torch.nn.Module, input_names: list[str] | None = None) -> list[str]:
+    """Fold every eval-mode BatchNorm that directly follows a convolution into that convolution's
+    weight and bias, in place (the BatchNorm becomes nn.Identity). Returns the folded convolutions.
+
+    Why: the package then computes with the weights the techniques compressed, with no BatchNorm
+    op after them. Unfolded, ct.convert folds a BatchNorm into a float convolution itself, but after
+    a compressed one it stays an op of its own, so a table or scale shared by several output
+    channels is fitted to weights that the BatchNorm then rescales channel by channel.
+    Only a convolution whose output feeds nothing but its BatchNorm is folded, which needs the data
+    flow: torch.fx traces it (convolutions and BatchNorms kept whole, whatever their subclass), or
+    for a transformers model transformers' own tracer (its forward's optional arguments stop plain
+    fx) with ``input_names``; a network that traces with neither is left as it is, and ct.convert
+    folds its BatchNorms as before."""
+    from torch.fx import Node, Tracer
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    if not any(isinstance(module, _BatchNorm) for module in model.modules()):
+        return []
+
+    class WholeLayers(Tracer):
+        def is_leaf_module(self, module: torch.nn.Module, name: str) -> bool:
+            return isinstance(module, (_ConvNd, _BatchNorm)) or super().is_leaf_module(module, name)
+
+    try:
+        try:
+            graph = WholeLayers().trace(model)
+        except Exception:  # noqa: BLE001 - fx raises many kinds; a transformers model gets its own tracer
+            from transformers import PreTrainedModel
+
+            if not isinstance(model, PreTrainedModel) or not input_names:
+                raise
+            from transformers.utils.fx import symbolic_trace
+
+            graph = symbolic_trace(model, input_names=input_names).graph
+    except Exception as exc:  # noqa: BLE001 - untraceable means "leave it"
+        from coreml_pipeline import runtime
+
+        runtime.log.info("BatchNorm not folded in torch (the network does not trace with torch.fx: %s); "
+                         "ct.convert folds it", str(exc).splitlines()[0][:120])
+        return []
+    modules = dict(model.named_modules())
+    folded = []
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, _BatchNorm) or bn.training or bn.running_mean is None or not node.args:
+            continue
+        source = node.args[0]
+        conv = modules.get(source.target) if isinstance(source, Node) and source.op == "call_module" else None
+        if not isinstance(conv, _ConvNd) or conv.transposed or len(source.users) != 1:
+            continue
+        with torch.no_grad():
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                bn.eps, bn.weight, bn.bias)
+        conv.weight, conv.bias = weight, bias
+        parent, _, attribute = node.target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attribute, torch.nn.Identity())
+        folded.append(source.target)
+    return folded

@@ -8,7 +8,7 @@ import torch
 
 from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import QuantizeConfig
-from coreml_pipeline.model import BERT_BLOCKS, QUANTIZATION, compressible_weights, compression_types
+from coreml_pipeline.model import BERT_BLOCKS, QUANTIZATION, compressible_weights, compression_types, subclass_configs
 from coreml_pipeline.techniques.methods import quantize as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.precision import expand_blocks, round_like_package, warn_lost_rows
 from coreml_pipeline.techniques.registry import get
@@ -26,8 +26,10 @@ def module_config(cfg: QuantizeConfig) -> dict:
 def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Module:
     from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
-    quantizer = PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict(
-        {"module_type_configs": {kind: module_config(cfg) for kind in ("Linear", "Conv1d", "Conv2d", "Conv3d")}}))
+    kinds = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    quantizer = PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict({
+        "module_type_configs": {kind: module_config(cfg) for kind in kinds},
+        "module_name_configs": subclass_configs(model, kinds, module_config(cfg))}))
     return quantizer.compress(inplace=True)
 
 
