@@ -33,11 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     params = config.load(("model", "data", "prune", "finetune", "calibrate", "palettize", "quantize", "coreml",
-                          "convert", "evaluate"), args.params)
+                          "convert", "evaluate", "runtime"), args.params)
     model_cfg, out = params["model"], Path(args.out)
     if any(params[name].method != "none" for name in ("prune", "finetune", "quantize")) or params["coreml"].enabled:
         raise SystemExit("bench.plain_script reproduces the default recipe: no prune, finetune, quantize or coreml")
-    log = runtime.setup("plain_script", params["calibrate"].seed)
+    # The same numerics as the stages (runtime.numerics: portable by default), so that the comparison
+    # measures the pipeline's overhead, not the cost of bit-identical CPU code paths
+    # (that one is bench/results/numerics_cost.json).
+    log = runtime.setup("plain_script", params["calibrate"].seed, numerics=params["runtime"])
 
     tokenizer, float_model = load_tokenizer(model_cfg), load_float_model(model_cfg)
     pairs = eval_pairs(params["data"])
