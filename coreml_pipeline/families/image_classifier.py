@@ -14,11 +14,9 @@ from typing import Any, ClassVar, List, Optional
 import numpy as np
 import torch
 
-from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int, check_state_dict_file, fail
 from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family
-from coreml_pipeline.model import fold_batchnorms
 
 
 @dataclass
@@ -118,12 +116,7 @@ class ImageClassifier(Family):
             from coreml_pipeline.families.custom import load_state
 
             load_state(model, self.cfg.weights)
-        model.eval()
-        # Every stage loads the float model through here, so all of them see the same folded layers.
-        folded = fold_batchnorms(model, input_names=["pixel_values"])
-        if folded:
-            runtime.log.debug("folded %d BatchNorm(s) into their convolutions", len(folded))
-        return model
+        return model.eval()
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return Logits(module)
