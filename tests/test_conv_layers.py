@@ -3,6 +3,7 @@ coremltools matches its module_type_configs by exact class name, which skipped t
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import coremltools as ct
@@ -73,3 +74,32 @@ def test_int8_convolution_subclasses_reach_the_package_as_int8(tmp_path):
     ops = Counter(op.op_type for op in load_program(tmp_path / "net.mlpackage").functions["main"].operations)
     # Four int8 weights (three convolutions, the head); the BatchNorms stay ops of their own after them.
     assert ops["constexpr_blockwise_shift_scale"] == 4 and ops["batch_norm"] == 3
+
+
+def test_a_channel_too_small_for_float16_quantizes_and_converts(tmp_path):
+    """GPTQ uint4 gives a channel of weights ~1e-9 a scale that rounds to zero in float16; it converts
+    (scale 1 encodes its zeros) instead of failing with an out-of-range int4 value."""
+    from coreml_pipeline.techniques import layerwise, quantize
+
+    class Plain:  # the family interface compress_each_layer feeds samples through
+        def wrap(self, module):
+            return module
+
+        def call(self, wrapped, sample, device=None):
+            return wrapped(sample["x"])
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[3] = 1e-9
+    cfg = QuantizeConfig(method="gptq", dtype="uint4", scheme="symmetric", granularity="per_channel", block_size=None)
+    samples = [{"x": torch.randn(1, 8, 6, 6)} for _ in range(4)]
+    model = layerwise.compress_each_layer(model, "gptq", quantize.module_config(cfg), Plain(), samples, "cpu")
+    quantize.round_like_package(model, logging.getLogger("test"))
+    assert quantize.encode_dead_channels(model) == 1
+    assert float(model[0].weight[3].abs().max()) == 0.0
+    x = torch.randn(1, 8, 6, 6)
+    ct.convert(torch.jit.trace(model, x), inputs=[ct.TensorType(name="x", shape=x.shape)], convert_to="mlprogram",
+               minimum_deployment_target=ct.target.iOS18).save(str(tmp_path / "net.mlpackage"))
+    ops = Counter(op.op_type for op in load_program(tmp_path / "net.mlpackage").functions["main"].operations)
+    assert ops["constexpr_blockwise_shift_scale"] == 2

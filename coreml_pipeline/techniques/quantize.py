@@ -8,7 +8,14 @@ import torch
 
 from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import QuantizeConfig
-from coreml_pipeline.model import BERT_BLOCKS, QUANTIZATION, compressible_weights, compression_types, subclass_configs
+from coreml_pipeline.model import (
+    BERT_BLOCKS,
+    QUANTIZATION,
+    compressible_weights,
+    compression_metadata,
+    compression_types,
+    subclass_configs,
+)
 from coreml_pipeline.techniques.methods import quantize as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.precision import expand_blocks, round_like_package, warn_lost_rows
 from coreml_pipeline.techniques.registry import get
@@ -86,6 +93,22 @@ def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
     return done
 
 
+def encode_dead_channels(model: torch.nn.Module) -> int:
+    """Give every zero quantization scale the value 1; returns how many. A scale is zero only where its
+    weights all are: a channel whose weights are all below float16's range (EfficientNet-Lite0 has such
+    nearly dead channels) gets a scale that rounds to zero in the package, and its weights with it.
+    Any positive scale encodes those zeros exactly; a zero one made ct.convert write the
+    out-of-range int4 value 8 ("Value 8 is outside allowed subbyte datatype range [-8, 7]")."""
+    fixed = 0
+    for _, module in compressible_weights(model):
+        scale = compression_metadata(module, "quantization_scale")
+        if scale is not None and bool((scale == 0).any()):
+            fixed += int((scale == 0).sum())
+            with torch.no_grad():
+                scale[scale == 0] = 1.0
+    return fixed
+
+
 def quantize(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None,
              blocks: str = BERT_BLOCKS, device: str = "cpu", family=None) -> torch.nn.Module:
     """``model`` quantized by the method quantize.method names. ``family`` given, GPTQ takes its
@@ -102,5 +125,8 @@ def run(model: torch.nn.Module, cfg: QuantizeConfig, samples: list | None = None
     before = {f"{name}.weight": module.weight.detach().clone() for name, module in compressible_weights(model)}
     model = quantize(model, cfg, samples, blocks, device, family)
     round_like_package(model, log)
+    dead = encode_dead_channels(model)  # after rounding: a scale below float16's range rounds to zero
+    if dead:
+        log.info("%d all-zero channel(s) or block(s) given scale 1 (a zero scale does not convert)", dead)
     warn_lost_rows(before, model, log)
     return model
