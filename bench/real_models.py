@@ -32,13 +32,14 @@ RECIPES: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-g16", ["palettize=kmeans"], "data-free k-means 4-bit, group 16"),
     ("skm-4bit-g16", G16, "sensitive k-means 4-bit, group 16"),
     ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4"),
+    ("skm-4bit-g1", [], "sensitive k-means 4-bit, one table per channel (the pipeline's default recipe)"),
     ("skm-6bit-g16", G16 + ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
     ("skm-8bit-g16", G16 + ["palettize.n_bits=8"], "sensitive k-means 8-bit, group 16"),
     ("int8-per-channel", NO_PALETTE + ["quantize=int8"],
-     "linear int8, symmetric, per channel (only the head stays int8: see below)"),
+     "linear int8, symmetric, per channel"),
     # Per block does not apply: the stem has 3 input channels and each depthwise conv 1 (validate refuses it).
     ("int4-per-channel", NO_PALETTE + ["quantize=int4_block", "quantize.granularity=per_channel", "~quantize.block_size"],
-     "linear int4, symmetric, per channel (only the head stays int4: see below)"),
+     "linear int4, symmetric, per channel"),
     ("gptq-uint4-per-channel", NO_PALETTE + ["quantize=gptq", "quantize.granularity=per_channel", "~quantize.block_size"],
      "GPTQ uint4, per channel (depthwise convs data-free)"),
     ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"] + G16,
@@ -107,6 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("names", nargs="*", help="recipes to run (default: all)")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from stored results")
     args = parser.parse_args(argv)
+    # The stages run in this process: pin the default numerics before its first torch operation, as
+    # a stage's own process does (on an AVX-512 CPU torch would otherwise pick its AVX-512 kernels).
+    from coreml_pipeline import numerics
+    from coreml_pipeline.config.schema import RuntimeConfig
+
+    numerics.apply(RuntimeConfig().numerics, RuntimeConfig().threads)
     known = [name for name, _, _ in RECIPES]
     unknown = [name for name in args.names if name not in known]
     if unknown:
