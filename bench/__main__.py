@@ -26,10 +26,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("pipeline", "scaling", "kmeans", "peak_memory")
 
 
+def cpu_name() -> str:
+    """The CPU's model name, and whether it has AVX-512 (the float results do not depend on it in
+    portable mode, the timings do)."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text(errors="replace") if info.is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    return f"{name} ({'AVX-512' if ' avx512f' in text else 'AVX2' if ' avx2' in text else 'no AVX2'})"
+
+
 def machine() -> str:
     import psutil
 
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
+    return (f"{platform.system()} {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}")
 
 
@@ -56,17 +66,20 @@ def pipeline_md(r: dict) -> list[str]:
     ratio = r["overhead_ratio"]
     lines.append(f"| plain script, one process (bench/plain_script.py) | {plain['seconds']:.1f} | all, in one process "
                  f"| |")
-    lines.append(f"| cold `dvc repro` | {cold['seconds']:.1f} | {len(cold['stages'])} stages | overhead "
-                 f"{100 * (ratio - 1):+.1f}% vs the plain script (target <= +10%): {verdict(ratio <= 1.10)} |")
+    # Issue 18's targets: cold <= 1.10x the plain script (same solver and numerics) and <= 110 s; the rerun
+    # after the change <= 50 s and <= its stages' own time + 3 s; a no-op <= 1.0 s; switching back <= 3 s.
+    lines.append(f"| cold `dvc repro` | {cold['seconds']:.1f} | {len(cold['stages'])} stages | {ratio:.2f}x the plain "
+                 f"script (target <= 1.10x): {verdict(ratio <= 1.10)}; <= 110 s: {verdict(cold['seconds'] <= 110)} |")
     lines.append(f"| no-op `dvc repro` (median of 3) | {r['noop_median_seconds']:.2f} | "
-                 f"{', '.join(r['noop_stages_run']) or 'none'} | < 2 s: {verdict(r['noop_median_seconds'] < 2)} |")
+                 f"{', '.join(r['noop_stages_run']) or 'none'} | <= 1.0 s: {verdict(r['noop_median_seconds'] <= 1.0)} |")
     ran = ", ".join(s["stage"] for s in down["stages"])
     lines.append(f"| after `{r['change']}` | {down['seconds']:.1f} | {ran} (own time {r['downstream_stage_seconds']:.1f} s)"
-                 f" | <= stages + 2 s: {verdict(r['downstream_overhead_seconds'] <= 2)} "
-                 f"({r['downstream_overhead_seconds']:+.1f} s) |")
+                 f" | <= 50 s: {verdict(down['seconds'] <= 50)}; <= stages + 3 s: "
+                 f"{verdict(r['downstream_overhead_seconds'] <= 3)} ({r['downstream_overhead_seconds']:+.1f} s) |")
+    restored = not back["stages"]
     lines.append(f"| switched back (run-cache) | {back['seconds']:.1f} | "
-                 f"{', '.join(s['stage'] for s in back['stages']) or 'none: restored'} | nothing recomputed: "
-                 f"{verdict(not back['stages'])} |")
+                 f"{', '.join(s['stage'] for s in back['stages']) or 'none: restored'} | nothing recomputed and "
+                 f"<= 3 s: {verdict(restored and back['seconds'] <= 3)} |")
     same = r["same_metrics"]
     lines += ["", "Both produce the same model: " + ", ".join(
         f"{k} {a} / {b}" for k, (a, b) in same.items()) + " (plain script / pipeline)."]
@@ -137,12 +150,15 @@ def report() -> str:
     sections = {"pipeline": ("What the pipeline costs", pipeline_md), "scaling": ("How the stages scale", scaling_md),
                 "kmeans": ("Faster k-means: coremltools against exact_dp", kmeans_md),
                 "peak_memory": ("8-bit embedding tables through conversion", peak_memory_md)}
-    lines = [f"Measured by `python -m bench` on {machine()}; results in bench/results/*.json "
-             f"(report built {datetime.date.today().isoformat()})."]
+    lines = [f"Measured by `python -m bench`; results in bench/results/*.json (report built "
+             f"{datetime.date.today().isoformat()} on {machine()})."]
     for part, (title, render) in sections.items():
         data = load(part)
         if data is not None:
-            lines += ["", f"#### {title}", "", *render(data)]
+            # Parts are measured at different times, possibly on different machines of this kind.
+            where = (f"Measured {data['measured']['date']} on {data['measured']['machine']}." if "measured" in data
+                     else "Measured on an earlier machine of this kind (2 cores), before results recorded their machine.")
+            lines += ["", f"#### {title}", "", where, "", *render(data)]
     return "\n".join(lines) + "\n"
 
 
@@ -158,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
             if part not in PARTS:
                 raise SystemExit(f"--parts: unknown part {part!r}; allowed: {', '.join(PARTS)}")
             __import__(f"bench.{part}", fromlist=["main"]).main([])
+            stored = load(part)
+            if stored is not None:
+                stored["measured"] = {"date": datetime.date.today().isoformat(), "machine": machine()}
+                (RESULTS / f"{part}.json").write_text(json.dumps(stored, indent=2) + "\n")
     text = report()
     (RESULTS / "bench.md").write_text(text)
     update_readme(text, "bench")
