@@ -1,14 +1,16 @@
 """Real weights beyond MiniLM, measured through every stage: EfficientNet-Lite0 (its package) on the real
-photographs of data/photos.
+photographs of data/photos, and SmolLM2-135M (GGUF in its package) on the English prose of data/prose.
 
-    python -m bench.real_models                 # every recipe
+    python -m bench.real_models                          # every EfficientNet-Lite0 recipe
+    python -m bench.real_models --model smollm2          # every SmolLM2-135M recipe
     python -m bench.real_models int8-per-channel
-    python -m bench.real_models --table         # rebuild the table from bench/results/efficientnet_lite0.json
+    python -m bench.real_models --model smollm2 --table  # rebuild the table from bench/results/smollm2.json
 
 Each recipe runs dvc.yaml's stages in this process (coreml_pipeline.tools.inprocess) in a temporary
 folder, then evaluate again on the calibration split: the dev split the default is chosen on
-(test: data/photos/eval, 10 images; dev: data/photos/calibration, 6 images). The table goes to
-bench/results/efficientnet_lite0.md and between the markers in docs/families.md.
+(EfficientNet: test data/photos/eval, 10 images, dev data/photos/calibration, 6 images; SmolLM2: test
+data/prose/eval.txt, dev data/prose/calibration.txt, 16 windows of 128 tokens each). The table goes to
+bench/results/<model>.md and between the model's markers in docs/families.md.
 """
 
 from __future__ import annotations
@@ -25,10 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "families.md"
-MODEL = ["model=efficientnet_lite0", f"data.dir={ROOT / 'data/photos'}"]
 G16 = ["palettize.group_size=16"]
 NO_PALETTE = ["palettize=none"]
-RECIPES: list[tuple[str, list[str], str]] = [
+EFFICIENTNET: list[tuple[str, list[str], str]] = [
     ("kmeans-4bit-g16", ["palettize=kmeans"], "data-free k-means 4-bit, group 16"),
     ("skm-4bit-g16", G16, "sensitive k-means 4-bit, group 16"),
     ("skm-4bit-g4", ["palettize.group_size=4"], "sensitive k-means 4-bit, group 4"),
@@ -45,16 +46,51 @@ RECIPES: list[tuple[str, list[str], str]] = [
     ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"] + G16,
      "40% SparseGPT (depthwise convs unpruned), then sensitive k-means 4-bit, group 16"),
 ]
+# 16 calibration windows of 128 tokens for the sensitivity, SparseGPT and GPTQ (of the 40 in the dev text).
+LM_SAMPLES = ["calibrate.num_samples=16", "prune.num_samples=16", "quantize.num_samples=16"]
+SMOLLM2: list[tuple[str, list[str], str]] = [
+    ("kmeans-4bit-g16", ["palettize=kmeans"], "data-free k-means 4-bit, group 16"),
+    ("skm-4bit-g16", G16, "sensitive k-means 4-bit, group 16"),
+    ("skm-4bit-g1", [], "sensitive k-means 4-bit, one table per channel (the pipeline's default recipe)"),
+    ("skm-6bit-g16", G16 + ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
+    ("int8-per-channel", NO_PALETTE + ["quantize=int8"], "linear int8, symmetric, per channel"),
+    ("int4-per-block-32", NO_PALETTE + ["quantize=int4_block"], "linear int4, symmetric, per block of 32"),
+    ("uint4-affine-per-block-32", NO_PALETTE + ["quantize=int4_block", "quantize.dtype=uint4",
+                                                "quantize.scheme=affine"],
+     "linear uint4, affine, per block of 32: the GGUF's own Q4_1 grid (see below)"),
+    ("gptq-uint4-per-block-32", NO_PALETTE + ["quantize=gptq"], "GPTQ uint4, per block of 32"),
+    ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"] + G16, "40% SparseGPT, then sensitive k-means 4-bit, group 16"),
+]
+
+
+def image_quality(m: dict) -> str:
+    return f"{m['top1_agreement']:.2f} | {m['top5_agreement']:.2f} | {m['kl_divergence']:.3f}"
+
+
+def text_quality(m: dict) -> str:
+    return (f"{m['perplexity']:.2f} | {m['next_token_agreement']:.3f} | "
+            f"{m.get('generation_agreement', float('nan')):.2f}")
+
+
+# name -> (overrides every recipe gets, recipes, table columns per split, one split's figures, doc marker)
+MODELS = {
+    "efficientnet_lite0": (["model=efficientnet_lite0", f"data.dir={ROOT / 'data/photos'}"], EFFICIENTNET,
+                           "top-1 agreement | top-5 | KL", image_quality, "efficientnet",
+                           lambda m: f"top-1 {m['top1_agreement']}"),
+    "smollm2": (["model=smollm2", f"data.dir={ROOT / 'data/prose'}", *LM_SAMPLES], SMOLLM2,
+                "perplexity | next-token agreement | generation agreement", text_quality, "smollm2",
+                lambda m: f"perplexity {m['perplexity']}, next-token {m['next_token_agreement']}"),
+}
 COMPRESSING = ("prune", "calibrate", "palettize", "quantize")
 
 
-def run_recipe(name: str, overrides: list[str], work: Path) -> dict:
+def run_recipe(model: list[str], overrides: list[str], work: Path) -> dict:
     """The recipe's stages in ``work``, timed; then evaluate on the dev split."""
     from coreml_pipeline.config.compose import compose_text
     from coreml_pipeline.tools.inprocess import run_stages
 
     params = work / "params.yaml"
-    params.write_text(compose_text(MODEL + overrides), encoding="utf-8")
+    params.write_text(compose_text(model + overrides), encoding="utf-8")
     seconds = {}
     start = time.perf_counter()
     for stage in ("inspect", "validate", "prune", "finetune", "calibrate", "palettize", "quantize", "convert",
@@ -69,25 +105,24 @@ def run_recipe(name: str, overrides: list[str], work: Path) -> dict:
     params.write_text(yaml.safe_dump(dev_params, sort_keys=False), encoding="utf-8")
     run_stages(params, only=("baseline", "evaluate"))
     dev = json.loads((work / "metrics/evaluate.json").read_text())
-    return {"name": name, "overrides": overrides, "seconds": total, "stage_seconds": seconds,
+    return {"overrides": overrides, "seconds": total, "stage_seconds": seconds,
             "compression_seconds": round(sum(seconds[s] for s in COMPRESSING), 1), "test": test, "dev": dev}
 
 
-def quality(m: dict) -> str:
-    return f"{m['top1_agreement']:.2f} | {m['top5_agreement']:.2f} | {m['kl_divergence']:.3f}"
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | size MB | ratio to fp16 | test: top-1 agreement | top-5 | KL | dev: top-1 agreement | top-5 | KL "
+def markdown(rows: list[dict], columns: str, quality) -> str:
+    width = columns.count("|") + 1
+    blanks = " |" * width
+    lines = [f"| recipe | size MB | ratio to fp16 | test: {columns} | dev: {columns} "
              "| meets target on dev | compression s | all stages s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|"]
-    first = next(row["test"] for row in rows if "test" in row)
-    lines.append(f"| float16 (no compression) | {first['float16_package_bytes'] / 1e6:.2f} | 1.000 | 1.00 | 1.00 | 0.000 "
-                 "| 1.00 | 1.00 | 0.000 | | | |")
+             "|---|---:|---:|" + "---:|" * (2 * width) + ":---:|---:|---:|"]
+    first = next(row for row in rows if "test" in row)
+    float_test, float_dev = reference(first["test"]), reference(first["dev"])
+    lines.append(f"| float16 (no compression) | {first['test']['float16_package_bytes'] / 1e6:.2f} | 1.000 "
+                 f"| {float_test} | {float_dev} | | | |")
     for row in rows:
         if "error" in row:
             lines.append(f"| `{row['name']}`: {row['description']} | failed: {row['error'].splitlines()[0]} "
-                         "| | | | | | | | | | |")
+                         f"| |{blanks}{blanks} | | |")
             continue
         test, dev = row["test"], row["dev"]
         lines.append(f"| `{row['name']}`: {row['description']} | {test['package_bytes'] / 1e6:.2f} | {test['size_ratio']:.3f} "
@@ -96,9 +131,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(table: str) -> None:
+def reference(metrics: dict) -> str:
+    """The float model's own figures in a split's columns."""
+    if "float_perplexity" in metrics:
+        return f"{metrics['float_perplexity']:.2f} | 1.000 | 1.00"
+    return "1.00 | 1.00 | 0.000"
+
+
+def write_doc(table: str, marker: str) -> None:
     text = DOC.read_text(encoding="utf-8")
-    begin, end = "<!-- efficientnet:start -->", "<!-- efficientnet:end -->"
+    begin, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     head, rest = text.split(begin, 1)
     DOC.write_text(head + begin + "\n" + table + end + rest.split(end, 1)[1], encoding="utf-8")
 
@@ -106,23 +148,25 @@ def write_doc(table: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="recipes to run (default: all)")
+    parser.add_argument("--model", default="efficientnet_lite0", choices=sorted(MODELS), help="which real model")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from stored results")
     args = parser.parse_args(argv)
+    model, recipes, columns, quality, marker, brief = MODELS[args.model]
+    known = [name for name, _, _ in recipes]
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        parser.error(f"unknown recipe {', '.join(unknown)}; allowed: {', '.join(known)}")
     # The stages run in this process: pin the default numerics before its first torch operation, as
     # a stage's own process does (on an AVX-512 CPU torch would otherwise pick its AVX-512 kernels).
     from coreml_pipeline import numerics
     from coreml_pipeline.config.schema import RuntimeConfig
 
     numerics.apply(RuntimeConfig().numerics, RuntimeConfig().threads)
-    known = [name for name, _, _ in RECIPES]
-    unknown = [name for name in args.names if name not in known]
-    if unknown:
-        parser.error(f"unknown recipe {', '.join(unknown)}; allowed: {', '.join(known)}")
-    store = RESULTS / "efficientnet_lite0.json"
+    store = RESULTS / f"{args.model}.json"
     stored = {row["name"]: row for row in json.loads(store.read_text())} if store.is_file() else {}
-    descriptions = {name: text for name, _, text in RECIPES}
+    descriptions = {name: text for name, _, text in recipes}
     sys.path.insert(0, str(ROOT))  # the stages package, for the in-process runs
-    for name, overrides, _ in [] if args.table else RECIPES:
+    for name, overrides, _ in [] if args.table else recipes:
         if args.names and name not in args.names:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -131,21 +175,21 @@ def main(argv: list[str] | None = None) -> None:
             here = os.getcwd()
             os.chdir(tmp)
             try:
-                stored[name] = run_recipe(name, overrides, Path(tmp))
+                stored[name] = {"name": name, **run_recipe(model, overrides, Path(tmp))}
             except Exception as exc:  # noqa: BLE001 - a recipe that fails is a row saying why, not a lost run
                 stored[name] = {"name": name, "overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(f"{name}: failed: {stored[name]['error']}", flush=True)
             finally:
                 os.chdir(here)
         if "error" not in stored[name]:
-            print(f"{name}: {stored[name]['test']['package_bytes']} bytes, test top-1 "
-                  f"{stored[name]['test']['top1_agreement']}, dev top-1 {stored[name]['dev']['top1_agreement']}, "
-                  f"{stored[name]['seconds']} s", flush=True)
+            row = stored[name]
+            print(f"{name}: {row['test']['package_bytes']} bytes, test {brief(row['test'])}, dev {brief(row['dev'])}, "
+                  f"{row['seconds']} s", flush=True)
         store.write_text(json.dumps(list(stored.values()), indent=2) + "\n", encoding="utf-8")
     rows = [{**stored[n], "description": descriptions[n]} for n in known if n in stored]
-    table = markdown(rows)
-    (RESULTS / "efficientnet_lite0.md").write_text(table, encoding="utf-8")
-    write_doc(table)
+    table = markdown(rows, columns, quality)
+    (RESULTS / f"{args.model}.md").write_text(table, encoding="utf-8")
+    write_doc(table, marker)
     print(table)
 
 

