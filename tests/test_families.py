@@ -37,6 +37,8 @@ CASES = {
     "image_classifier-exact_dp": ("image_classifier", ["palettize.kmeans_solver=exact_dp"]),
     # Real weights: EfficientNet-Lite0 from its package (conv, depthwise conv, linear head) on real photographs.
     "efficientnet_lite0-real-sparse_gpt": ("efficientnet_lite0", ["prune=sparse_gpt", "prune.num_samples=2"]),
+    # Real weights: SmolLM2-135M from its GGUF package (tied embedding untied, 30 Llama blocks), data-free int8.
+    "smollm2-real-int8": ("smollm2", ["palettize=none", "quantize=int8"]),
     "custom-gptq-coreml_side": ("custom", ["palettize=none", "quantize=gptq", "quantize.dtype=uint8",
                                            "quantize.granularity=per_channel", "~quantize.block_size",
                                            "quantize.num_samples=4", "coreml=compare"]),
@@ -90,6 +92,17 @@ def test_structure_every_stage_through_conversion(case, tmp_path, monkeypatch):
         assert kinds["_conv_stem"] == kinds["_project_conv"] == kinds["_fc"] == "pruning+palettization"
         # coremltools' SparseGPT cannot update a grouped convolution: the depthwise ones are palettized only
         assert kinds["_depthwise_conv"] == "palettization"
+    if family == "smollm2":
+        assert metrics["tokens_per_window"] == 16 and metrics["num_windows"] == 2 and metrics["num_generations"] == 1
+        assert 1 < metrics["float_perplexity"] < metrics["perplexity"] * 1.5 and 0.5 < metrics["next_token_agreement"]
+        assert 0 <= metrics["generations_identical"] <= metrics["generation_agreement"] <= 1
+        kinds = {r["layer"]: r["technique"] for r in layers}
+        assert kinds["lm_head"] == kinds["model.embed_tokens"] == kinds["model.layers.29.mlp.down_proj"] == "quantization"
+        # Provenance hashes the GGUF file itself, not the converted folder it was loaded from.
+        from coreml_pipeline.coreml import provenance
+
+        record = provenance.read(provenance.open_package(tmp_path / "artifacts/convert/model.mlpackage"))
+        assert list(json.loads(record["source_model_sha256"])) == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
     if case.startswith("sd_unet"):
         # SparseGPT at 40% of every conv and linear weight (the norms and biases stay dense).
         assert 0.37 < metrics["sparsity"] < 0.41

@@ -172,4 +172,4 @@ def test_an_override_hydra_cannot_apply_is_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "config error: overrides 'model=nope' do not compose: In 'config': Could not find 'model/nope' Available "
-        "options in 'model': causal_lm custom efficientnet_lite0 image_classifier minilm sd_unet sdxl"]
+        "options in 'model': causal_lm custom efficientnet_lite0 image_classifier minilm sd_unet sdxl smollm2"]

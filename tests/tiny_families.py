@@ -133,6 +133,9 @@ def family_overrides(family: str, workdir: Path) -> list[str]:
     if family == "efficientnet_lite0":  # real weights (a package) and real photographs, small inputs
         return ["model=efficientnet_lite0", "model.image_size=64", "model.resize_size=72",
                 f"data.dir={ROOT / 'data/photos'}", "data.eval_max_pairs=4"]
+    if family == "smollm2":  # real weights (GGUF in a package) and real prose, short windows
+        return ["model=smollm2", "model.max_length=16", "model.generation_prompts=1", "model.generation_tokens=4",
+                f"data.dir={ROOT / 'data/prose'}", "data.eval_max_pairs=2", "convert.seq_len=16"]
     if family == "custom":
         return ["model=custom", f"data.dir={ROOT / 'data/stsb'}", "data.eval_max_pairs=4"]
     raise ValueError(family)

@@ -150,6 +150,22 @@ def find_weight(weights: dict, param_name: str, numel: int, prefix: str = "bert"
     return found[0] if len(found) == 1 else None
 
 
+def shared_weight(weights: dict, param: torch.nn.Parameter):
+    """(value, op chain, package name) of the compressed package weight equal to ``param``, or None.
+    The converter stores identical constants once (its const-deduplication pass), so a language
+    model's untied head quantized exactly like its input embedding (same rows, same scales) is the
+    embedding's weight in the package, under the embedding's name."""
+    expected = param.detach().numpy().astype(np.float16).astype(np.float32)
+    scale = float(np.abs(expected).max()) or 1.0
+    for name, (value, ops) in weights.items():
+        if not any(op.startswith("constexpr") for op in ops) or np.asarray(value).size != expected.size:
+            continue  # only compressed weights (a constexpr chain) are shared this way
+        diff = np.abs(np.asarray(value, dtype=np.float32).reshape(expected.shape) - expected).max()
+        if diff <= 1e-3 * scale:
+            return value, ops, name
+    return None
+
+
 def readback(bert: torch.nn.Module, package: str | Path, prefix: str = "bert") -> dict:
     """Compare every torch parameter with its value read back from the package
     (``prefix``: the network's attribute in the traced wrapper)."""
@@ -161,16 +177,20 @@ def readback(bert: torch.nn.Module, package: str | Path, prefix: str = "bert") -
     per_weight, missing, folded = {}, [], []
     for name, param in bert.named_parameters():
         found = find_weight(weights, name, param.numel(), prefix)
+        if found is None and name in compressed:
+            found = shared_weight(weights, param)
         if found is None:
             # An uncompressed weight may be constant-folded into another const
             # (the float position and token-type embeddings are); a compressed
             # one stays a constexpr op and must be found.
             (missing if name in compressed else folded).append(name)
             continue
-        value, ops = found
+        value, ops = found[:2]
         expected = param.detach().numpy().astype(np.float16).astype(np.float32)
         diff = float(np.abs(np.asarray(value, dtype=np.float32).reshape(expected.shape) - expected).max())
         per_weight[name] = {"ops": ops, "max_abs_diff": diff}
+        if len(found) > 2:
+            per_weight[name]["stored_as"] = found[2]
     if missing:
         raise RuntimeError(f"compressed weights not found in the package: {missing[:4]}")
     return {
