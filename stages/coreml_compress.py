@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for the Core ML-side .mlpackage")
     parser.add_argument("--metrics", required=True, help="DVC metrics (.json)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "coreml", "evaluate", "runtime"), args.params)
-    cfg: CoremlConfig = params["coreml"]
+    cfg: CoremlConfig = config.load(("coreml",), args.params, whole=False)["coreml"]  # off: no torch import
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -56,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     from coreml_pipeline.coreml.convert import package_bytes, save_package
     from coreml_pipeline.families.base import torch_device
 
+    params = config.load(("model", "data", "evaluate", "runtime"), args.params)
     log = runtime.setup("coreml_compress", numerics=params["runtime"])
     steps, notes = plan(cfg.prune, cfg.palettize, cfg.quantize, cfg)
     if not steps:

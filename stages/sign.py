@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", required=True, type=runtime.existing_input, help="the per-layer table (.csv)")
     parser.add_argument("--out", required=True, help="folder for the signature, the attestation and status.json")
     args = parser.parse_args(argv)
-    cfg = config.load(("sign",), args.params)["sign"]
+    cfg = config.load(("sign",), args.params, whole=False)["sign"]  # off: no torch import (compose.load)
     log = runtime.setup("sign", compute=False)
 
     from coreml_pipeline import signing
