@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coreml_pipeline.config.schema import PACKAGED_PREFIX, ModelConfig
-from coreml_pipeline.runtime import partial_path
+from coreml_pipeline.runtime import partial_path, sha256_file
 
 COREML_PREFIX = "_COREML_"
 # coremltools' CompressionType values, as stored in the compression_type buffer.
@@ -60,16 +60,11 @@ def gguf_folder(file: Path) -> Path:
     once per file content under $COREML_PIPELINE_CACHE (default ~/.cache/coreml-compress). Why: every
     stage loads the float model, and dequantizing SmolLM2-135M takes about 20 s against well under
     one for the saved folder; transformers keeps no such cache itself."""
-    import hashlib
     import shutil
     import tempfile
 
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     root = Path(os.environ.get("COREML_PIPELINE_CACHE", Path.home() / ".cache" / "coreml-compress")) / "gguf"
-    folder = root / f"{file.stem}-{digest.hexdigest()[:16]}"
+    folder = root / f"{file.stem}-{sha256_file(file)[:16]}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -198,4 +193,3 @@ def compression_types(module: torch.nn.Module) -> list[int]:
     """The coremltools compressions applied to ``module.weight``, in order ([] for none)."""
     kinds = compression_metadata(module, "compression_type")
     return [] if kinds is None else [int(k) for k in kinds.tolist()]
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -126,3 +127,19 @@ def pass_through(source: str | Path, target: str | Path) -> None:
     partial = partial_path(target)
     shutil.copyfile(source, partial)
     os.replace(partial, target)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file; of a folder (a package's weights, an image folder), over its files'
+    relative names and hashes."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode())
+            digest.update(sha256_file(file).encode())
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

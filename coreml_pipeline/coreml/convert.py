@@ -150,8 +150,8 @@ def find_weight(weights: dict, param_name: str, numel: int, prefix: str = "bert"
     return found[0] if len(found) == 1 else None
 
 
-def shared_weight(weights: dict, param: torch.nn.Parameter):
-    """(value, op chain, package name) of the compressed package weight equal to ``param``, or None.
+def shared_weight(weights: dict, param: torch.nn.Parameter) -> str | None:
+    """The name of the compressed package weight equal to ``param``, or None.
     The converter stores identical constants once (its const-deduplication pass), so a language
     model's untied head quantized exactly like its input embedding (same rows, same scales) is the
     embedding's weight in the package, under the embedding's name."""
@@ -162,7 +162,7 @@ def shared_weight(weights: dict, param: torch.nn.Parameter):
             continue  # only compressed weights (a constexpr chain) are shared this way
         diff = np.abs(np.asarray(value, dtype=np.float32).reshape(expected.shape) - expected).max()
         if diff <= 1e-3 * scale:
-            return value, ops, name
+            return name
     return None
 
 
@@ -177,20 +177,21 @@ def readback(bert: torch.nn.Module, package: str | Path, prefix: str = "bert") -
     per_weight, missing, folded = {}, [], []
     for name, param in bert.named_parameters():
         found = find_weight(weights, name, param.numel(), prefix)
-        if found is None and name in compressed:
-            found = shared_weight(weights, param)
+        stored_as = shared_weight(weights, param) if found is None and name in compressed else None
+        if stored_as is not None:
+            found = weights[stored_as]
         if found is None:
             # An uncompressed weight may be constant-folded into another const
             # (the float position and token-type embeddings are); a compressed
             # one stays a constexpr op and must be found.
             (missing if name in compressed else folded).append(name)
             continue
-        value, ops = found[:2]
+        value, ops = found
         expected = param.detach().numpy().astype(np.float16).astype(np.float32)
         diff = float(np.abs(np.asarray(value, dtype=np.float32).reshape(expected.shape) - expected).max())
         per_weight[name] = {"ops": ops, "max_abs_diff": diff}
-        if len(found) > 2:
-            per_weight[name]["stored_as"] = found[2]
+        if stored_as is not None:
+            per_weight[name]["stored_as"] = stored_as
     if missing:
         raise RuntimeError(f"compressed weights not found in the package: {missing[:4]}")
     return {

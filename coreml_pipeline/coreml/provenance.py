@@ -8,12 +8,13 @@ same bytes; the git commit says when.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from coreml_pipeline.runtime import sha256_file  # the one file hash; provenance.sha256_file for its callers
 
 PREFIX = "coreml_compress."
 KEYS = ("config", "git_commit", "git_dirty", "source_model_sha256", "data_sha256", "samples_used", "versions",
@@ -25,22 +26,6 @@ SINCE_LATER_VERSIONS = ("samples_used",)
 # What can change a package: the recorded commit is the last one that touched
 # these, so committing a run's dvc.lock, docs or tests afterwards changes nothing.
 SOURCES = ("stages", "coreml_pipeline", "pyproject.toml", "conf", "params.yaml", "dvc.yaml", "data", "requirements.txt", "constraints.txt")
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file; of a folder (a package's weights, an image folder), over its files'
-    relative names and hashes."""
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(file.relative_to(path).as_posix().encode())
-            digest.update(sha256_file(file).encode())
-        return digest.hexdigest()
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def package_weights_sha256(package: Path) -> str:

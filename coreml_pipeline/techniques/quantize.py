@@ -102,10 +102,12 @@ def encode_dead_channels(model: torch.nn.Module) -> int:
     fixed = 0
     for _, module in compressible_weights(model):
         scale = compression_metadata(module, "quantization_scale")
-        if scale is not None and bool((scale == 0).any()):
-            fixed += int((scale == 0).sum())
-            with torch.no_grad():
-                scale[scale == 0] = 1.0
+        if scale is None:
+            continue
+        zero = scale == 0
+        fixed += int(zero.sum())
+        with torch.no_grad():
+            scale[zero] = 1.0
     return fixed
 
 
