@@ -22,8 +22,8 @@ def validate(params: dict, sections: tuple[str, ...] | None = None) -> dict[str,
     """The named sections (all when None) as dataclasses, every rule passed; one ConfigError line otherwise."""
     checked = schema.validate(params, sections)
     registry.check(checked)
-    if "data" in checked and checked["data"].format == "pairs":  # your own pairs: read and checked before any model
-        from coreml_pipeline.families.stsb import check_splits
+    if "data" in checked:  # your own table files: read and their columns checked before any model loads
+        from coreml_pipeline.families.tables import check_splits
 
         check_splits(checked["data"])
     return checked

@@ -69,6 +69,29 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | Non
     return result
 
 
+def assert_each_refused_in_one_line(check, cases) -> None:
+    """check(config) raises, for each (config, expected start) case, a ConfigError of one line starting so."""
+    from coreml_pipeline.config.schema import ConfigError
+
+    for cfg, expected in cases:
+        with pytest.raises(ConfigError) as raised:
+            check(cfg)
+        message = str(raised.value)
+        assert len(message.splitlines()) == 1 and message.startswith(expected), (expected, message)
+
+
+def validate_stage_refusal(params: dict, folder: Path) -> str:
+    """The validate stage run on ``params``: refused (exit 2, no traceback, no marker); its one line."""
+    import yaml
+
+    (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "stages.validate", "--params", str(folder / "params.yaml"), "--out",
+                             str(folder / "ok")], cwd=ROOT, env=project_env(ROOT), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert not (folder / "ok").exists()
+    return result.stderr.strip()
+
+
 def make_project_copy(dest: Path, overrides: list[str]) -> Path:
     """A git + DVC repository holding this project, with params.yaml composed
     from conf/ plus ``overrides``."""

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import project_env
+from conftest import assert_each_refused_in_one_line, project_env, validate_stage_refusal
 
 from coreml_pipeline.config import compose
-from coreml_pipeline.config.schema import ConfigError, DataConfig
+from coreml_pipeline.config.schema import ColumnsConfig, ConfigError, DataConfig
 from coreml_pipeline.families import stsb
+from coreml_pipeline.families.tables import check_splits
 from coreml_pipeline.validation import validate
 
 ROOT = compose.ROOT
@@ -48,9 +49,9 @@ def write(folder: Path, suffix: str, records: list[dict]) -> str:
 
 def pairs_config(folder: Path, name: str, **changes) -> DataConfig:
     cfg = DataConfig(format="pairs", dir=str(folder), calibration_file=name, eval_file=name, train_file=name,
-                     sentence1_column="left", sentence2_column="right", score_column="rating", score_range=[0.0, 10.0])
+                     columns=ColumnsConfig(sentence1="left", sentence2="right", score="rating"), score_range=[0.0, 10.0])
     for key, value in changes.items():
-        setattr(cfg, key, value)
+        setattr(cfg.columns if hasattr(cfg.columns, key) else cfg, key, value)
     return cfg
 
 
@@ -60,7 +61,7 @@ def test_every_local_file_type_with_its_columns_mapped(suffix, tmp_path):
     name = write(tmp_path, suffix, rows(scale=2.0))
     cfg = pairs_config(tmp_path, name)
     cfg.check()
-    stsb.check_splits(cfg)
+    check_splits(cfg)
     pairs = stsb.load_pairs(cfg, name)
     assert pairs.sentence1 == [r[5] for r in STSB_DEV] and pairs.sentence2 == [r[6] for r in STSB_DEV]
     assert pairs.scores == pytest.approx([float(r[4]) for r in STSB_DEV], abs=1e-9)
@@ -94,28 +95,24 @@ def bad(tmp_path: Path) -> list[tuple[DataConfig, str]]:
     words = [dict(r, rating="high") for r in rows()]
     (tmp_path / "words.jsonl").write_text("\n".join(json.dumps(r) for r in words) + "\n", encoding="utf-8")
     return [
-        (pairs_config(tmp_path, good, sentence2_column="text_b"),
-         "config error: data.sentence2_column='text_b' is not allowed; allowed: a column of split.jsonl: left, right, "
+        (pairs_config(tmp_path, good, sentence2="text_b"),
+         "config error: data.columns.sentence2='text_b' is not allowed; allowed: a column of split.jsonl: left, right, "
          "rating"),
         (pairs_config(tmp_path, "words.jsonl"),
-         "config error: data.score_column='rating' is not allowed; allowed: a numeric column; row 0 of words.jsonl "
+         "config error: data.columns.score='rating' is not allowed; allowed: a numeric column; row 0 of words.jsonl "
          "holds 'high'"),
         (pairs_config(tmp_path, good, score_range=[0.0, 1.0]),
          "config error: data.score_range=[0.0, 1.0] is not allowed; allowed: a range holding every score; row 0 of "
          "split.jsonl holds 5.0"),
         (pairs_config(tmp_path, "empty.jsonl"),
-         "config error: data.calibration_file='empty.jsonl' is not allowed; allowed: a split with pairs; "),
+         "config error: data.calibration_file='empty.jsonl' is not allowed; allowed: a split with rows; "),
         (pairs_config(tmp_path, "broken.parquet"),
          "config error: data.calibration_file='broken.parquet' is not allowed; allowed: a readable .parquet file; "),
     ]
 
 
 def test_bad_pair_data_is_one_line_naming_the_key(tmp_path):
-    for cfg, expected in bad(tmp_path):
-        with pytest.raises(ConfigError) as raised:
-            stsb.check_splits(cfg)
-        message = str(raised.value)
-        assert len(message.splitlines()) == 1 and message.startswith(expected), (expected, message)
+    assert_each_refused_in_one_line(check_splits, bad(tmp_path))
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -135,17 +132,12 @@ def test_the_validate_stage_refuses_bad_pairs_before_any_model_loads(tmp_path):
     name = write(tmp_path, ".csv", rows())
     params = yaml.safe_load(compose.compose_text(["data=pairs"]))
     params["data"].update(dir=str(tmp_path), calibration_file=name, eval_file=name, train_file=name,
-                          sentence1_column="left", sentence2_column="right", score_column="score")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "stages.validate", "--params", str(tmp_path / "params.yaml"), "--out",
-                             str(tmp_path / "ok")], cwd=ROOT, env=project_env(ROOT), capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("config error: data.score_column='score' is not allowed; allowed: a column of "
-                                     "split.csv: left, right, rating")
-    assert not (tmp_path / "ok").exists()
+                          columns={"sentence1": "left", "sentence2": "right", "score": "score"})
+    assert validate_stage_refusal(params, tmp_path) == ("config error: data.columns.score='score' is not allowed; "
+                                                        "allowed: a column of split.csv: left, right, rating")
 
 
-def test_import_pairs_writes_local_splits_and_says_how_to_use_them(tmp_path):
+def test_import_data_writes_local_splits_and_says_how_to_use_them(tmp_path):
     """A dataset folder load_dataset reads like a hub dataset (split files by name); no network needed."""
     import pandas
 
@@ -154,23 +146,23 @@ def test_import_pairs_writes_local_splits_and_says_how_to_use_them(tmp_path):
     for split in ("train", "validation", "test"):
         pandas.DataFrame(rows()).to_parquet(source / f"{split}.parquet")
     out = tmp_path / "data" / "mine"
-    result = subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.import_pairs", str(source), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.import_data", str(source), "--out", str(out)],
                             cwd=ROOT, env=project_env(ROOT), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
     assert (f"data=pairs data.dir={out} data.calibration_file=validation.parquet data.eval_file=test.parquet "
             "data.train_file=train.parquet") in result.stdout
     cfg = pairs_config(out, "validation.parquet", eval_file="test.parquet", train_file="train.parquet")
-    stsb.check_splits(cfg)
+    check_splits(cfg)
     assert len(stsb.eval_pairs(cfg)) == len(STSB_DEV)
 
 
-def test_import_pairs_without_a_network_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.import_pairs", "someone/no-such-pairs",
+def test_import_data_without_a_network_is_one_line():
+    result = subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.import_data", "someone/no-such-pairs",
                              "--out", "/nonexistent/out"], cwd=ROOT, env=project_env(ROOT, {"HF_DATASETS_OFFLINE": "1"}),
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1
-    assert line.startswith("import_pairs: someone/no-such-pairs split 'validation' (calibration_file) cannot be loaded: ")
+    assert line.startswith("import_data: someone/no-such-pairs split 'validation' (calibration_file) cannot be loaded: ")
     assert line.endswith("set HF_DATASETS_OFFLINE=0 on a machine with a network")

@@ -30,8 +30,9 @@ DEPLOYMENT_TARGETS = ("iOS18", "macOS15", "watchOS11", "tvOS11", "visionOS2")
 # auto: CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATA_FORMATS = ("stsb", "pairs", "text", "prompts", "imagefolder")
-# data.format=pairs: the file types `datasets` reads, by suffix (tsv: csv with tabs).
-PAIR_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Table files `datasets` reads, by suffix (tsv: csv with tabs): data.format=pairs always; text and
+# imagefolder splits may be one too (data.columns names the column).
+TABLE_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # coreml_pipeline/numerics.py: portable pins the CPU code paths (same bytes on any x86-64 CPU with AVX2); native does not.
 NUMERICS_MODES = ("portable", "native")
 PACKAGED_PREFIX = "package:"
@@ -141,26 +142,46 @@ class ModelConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Which column of a table file (csv, tsv, json, jsonl, parquet) holds what; each format reads its own."""
+
+    # format=pairs: the two sentences and their relatedness score.
+    sentence1: str = "sentence1"
+    sentence2: str = "sentence2"
+    score: str = "score"
+    # format=text with a table file: the text, one passage per row (joined by blank lines).
+    text: str = "text"
+    # format=imagefolder with a table file: the image (datasets Image bytes, or a path relative to the
+    # file's folder) and its label (the model's class index or name); null: unlabelled.
+    image: str = "image"
+    label: Optional[str] = "label"
+
+
+@dataclass
 class DataConfig:
-    # stsb: STS Benchmark csv files (sentence_embedding); text: plain text files (causal_lm);
-    # prompts: one prompt per line (sd_unet); imagefolder: folders of images, one subfolder per
-    # class when labelled (image_classifier, read with `datasets` imagefolder).
+    # stsb: STS Benchmark csv files (sentence_embedding); pairs: any sentence-pair table; text: plain
+    # text files or a text column (causal_lm); prompts: one prompt per line (sd_unet); imagefolder:
+    # folders of images, one subfolder per class when labelled (datasets imagefolder), or a table with
+    # image and label columns (image_classifier).
     format: str = "stsb"
     dir: str = "data/stsb"
-    # Files (folders for imagefolder) inside dir.
+    # Files (folders or table files for imagefolder) inside dir.
     calibration_file: str = "sts-dev.csv"
     eval_file: str = "sts-test.csv"
     # Fine-tuning pairs for training-time compression (the finetune stage; sentence_embedding only).
     train_file: str = "sts-train.csv"
     # None: every pair (stsb) or sample (other formats) of the evaluation split.
     eval_max_pairs: Optional[int] = None
-    # pairs: any sentence-pair dataset with a relatedness score, as local csv, tsv, json, jsonl or
-    # parquet files (a hub dataset: `python -m coreml_pipeline.tools.import_pairs` writes it here
-    # first), its columns named here and its score range stated (scores are rescaled to STS-B's 0-5).
-    sentence1_column: str = "sentence1"
-    sentence2_column: str = "sentence2"
-    score_column: str = "score"
+    # Table files (a hub dataset: `python -m coreml_pipeline.tools.import_data` writes its splits here
+    # first): the columns to read, by what they hold.
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # pairs: the scores' scale, stated (scores are rescaled to STS-B's 0-5).
     score_range: Optional[List[float]] = None
+
+    def is_table(self, key: str) -> bool:
+        """Whether split data.<key> is read as a table file (its columns named in data.columns)."""
+        return self.format == "pairs" or (self.format in ("text", "imagefolder")
+                                          and Path(getattr(self, key)).suffix in TABLE_FILE_TYPES)
 
     def check(self, prefix: str = "data") -> None:
         check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
@@ -173,17 +194,18 @@ class DataConfig:
                      "(the scores' scale, e.g. [0, 5] for STS-B, [0, 1] for similarity labels)")
             for key in ("calibration_file", "eval_file", "train_file"):
                 name = getattr(self, key)
-                if Path(name).suffix not in PAIR_FILE_TYPES:
-                    fail(f"{prefix}.{key}", name, f"allowed with format=pairs: a {', '.join(PAIR_FILE_TYPES)} file")
+                if Path(name).suffix not in TABLE_FILE_TYPES:
+                    fail(f"{prefix}.{key}", name, f"allowed with format=pairs: a {', '.join(TABLE_FILE_TYPES)} file")
         root = Path(self.dir)
         if not root.is_dir():
             fail(f"{prefix}.dir", self.dir, f"allowed: an existing directory holding the {self.format} data")
         for key in ("calibration_file", "eval_file", "train_file"):
             name = getattr(self, key)
-            folder = self.format == "imagefolder"
-            if folder and not (root / name).is_dir():
-                fail(f"{prefix}.{key}", name, f"allowed: a folder of images that exists in {self.dir}")
-            if not folder and not (root / name).is_file():
+            if self.format == "imagefolder" and not self.is_table(key):
+                if not (root / name).is_dir():
+                    fail(f"{prefix}.{key}", name, f"allowed: a folder of images, or a {', '.join(TABLE_FILE_TYPES)} "
+                         f"file with image and label columns, that exists in {self.dir}")
+            elif not (root / name).is_file():
                 fail(f"{prefix}.{key}", name, f"allowed: a file that exists in {self.dir}")
         if self.eval_max_pairs is not None:
             check_positive_int(f"{prefix}.eval_max_pairs", self.eval_max_pairs)
@@ -468,7 +490,8 @@ class SignConfig:
 
 
 # Nested dataclasses, by the annotation string their field carries.
-SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig, "Optional[PruneConfig]": PruneConfig,
+SUBSECTIONS: dict[str, type] = {"EmbeddingPaletteConfig": EmbeddingPaletteConfig, "ColumnsConfig": ColumnsConfig,
+                                 "Optional[PruneConfig]": PruneConfig,
                                  "Optional[PalettizeConfig]": PalettizeConfig, "Optional[QuantizeConfig]": QuantizeConfig}
 
 SECTIONS: dict[str, type] = {

@@ -1,6 +1,7 @@
 """causal_lm: a transformers causal language model, traced for a fixed context.
 
-Calibration and evaluation read plain text files (data.format=text): the text is
+Calibration and evaluation read text (data.format=text): a plain text file or the text
+column of a table file (data.columns.text). The text is
 tokenized once and cut into windows of model.max_length tokens. Evaluation is
 perplexity on the held-out windows and agreement of next-token predictions
 (argmax) with the float model."""
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -139,11 +139,13 @@ class CausalLM(Family):
         return {"input_ids": torch.zeros((1, seq_len), dtype=torch.int32)}
 
     def _windows(self, key: str) -> list[torch.Tensor]:
-        """Non-overlapping windows of model.max_length tokens of the text file data.<key>."""
+        """Non-overlapping windows of model.max_length tokens of split data.<key> (a text file or a table's
+        text column)."""
+        from coreml_pipeline.families.tables import text_of
         from coreml_pipeline.model import load_tokenizer
 
         file_name = getattr(self.data, key)
-        text = (Path(self.data.dir) / file_name).read_text(encoding="utf-8")
+        text = text_of(self.data, key)
         ids = load_tokenizer(self.cfg)(text, add_special_tokens=False, return_tensors="pt",
                                        verbose=False)["input_ids"][0]
         length = self.cfg.max_length

@@ -1,15 +1,17 @@
 """image_classifier: a torchvision, timm or transformers image classifier.
 
 Images come from local folders read with `datasets`' imagefolder builder
-(data.format=imagefolder); subfolders named after classes give labels. Evaluation
-is agreement with the float model (top-1; the float top-1 within the compressed
-top-5; KL divergence of the class distributions) and, when the folder names are
-the model's class names (or class indices), accuracy."""
+(data.format=imagefolder; subfolders named after classes give labels), or from a
+table file with an image column and a label column (data.columns; what a hub
+dataset becomes through tools/import_data.py). Evaluation is agreement with the
+float model (top-1; the float top-1 within the compressed top-5; KL divergence of
+the class distributions) and, when the labels are the model's class names or
+class indices, accuracy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, List, Optional
+from typing import Any, Callable, ClassVar, List, Optional
 
 import numpy as np
 import torch
@@ -173,13 +175,20 @@ class ImageClassifier(Family):
 
         return preprocess
 
-    def _samples(self, folder: str, limit: int | None, seed: int | None = None) -> list[dict]:
+    def _samples(self, key: str, limit: int | None, seed: int | None = None) -> list[dict]:
+        """Preprocessed images of split data.<key>: a folder (datasets imagefolder; subfolders name the
+        labels) or a table file (its image and label columns, data.columns)."""
         import datasets
 
+        from coreml_pipeline.families.tables import image_table
         from coreml_pipeline.model import resolve_source  # noqa: F401 - keeps HF_*_OFFLINE set before datasets loads
 
         datasets.disable_progress_bars()
-        split = datasets.load_dataset("imagefolder", data_dir=f"{self.data.dir}/{folder}", split="train")
+        if self.data.is_table(key):
+            split = image_table(self.data, key)
+        else:
+            split = datasets.load_dataset("imagefolder", data_dir=f"{self.data.dir}/{getattr(self.data, key)}",
+                                          split="train")
         if seed is not None:
             split = split.shuffle(seed=seed)
         if limit is not None:
@@ -190,28 +199,42 @@ class ImageClassifier(Family):
         for row in split:
             sample = {"pixel_values": preprocess(row["image"])}
             if labels is not None:
-                sample["label"] = torch.tensor([labels[row["label"]]])
+                sample["label"] = torch.tensor([labels(row["label"])])
             samples.append(sample)
         return samples
 
-    def _label_map(self, split) -> list[int] | None:
-        """Dataset label index -> model class index, when the folder names are the model's
-        class names or integer class indices; None when there are no (matching) labels."""
+    def _label_map(self, split) -> Callable[[Any], int] | None:
+        """Dataset label -> model class index: class names (folder names, a ClassLabel's names or
+        string labels) that are all the model's class names or integer indices, or integer labels
+        (the model's class indices); None when there are no (matching) labels."""
         feature = split.features.get("label")
-        if feature is None or not hasattr(feature, "names"):
+        if feature is None:
             return None
-        names = self.label_names()
-        if names is not None and all(folder in names for folder in feature.names):
-            return [names.index(folder) for folder in feature.names]
-        if all(folder.isdigit() for folder in feature.names):
-            return [int(folder) for folder in feature.names]
+        if hasattr(feature, "names"):  # folder names or a ClassLabel
+            names = feature.names
+            index = self._class_indices(names)
+            return None if index is None else (lambda label: index[names[label]])
+        if feature.dtype.startswith(("int", "uint")):
+            return int
+        if feature.dtype in ("string", "large_string"):
+            index = self._class_indices(sorted(set(split["label"])))
+            return None if index is None else index.__getitem__
+        return None
+
+    def _class_indices(self, names: list[str]) -> dict[str, int] | None:
+        """Each name's model class index, when every name is a class name of the model or an integer."""
+        model_names = self.label_names()
+        if model_names is not None and all(name in model_names for name in names):
+            return {name: model_names.index(name) for name in names}
+        if all(name.isdigit() for name in names):
+            return {name: int(name) for name in names}
         return None
 
     def calibration_samples(self, num_samples: int, seed: int) -> list[dict]:
-        return self._samples(self.data.calibration_file, num_samples, seed)
+        return self._samples("calibration_file", num_samples, seed)
 
     def eval_samples(self) -> list[dict]:
-        return self._samples(self.data.eval_file, self.data.eval_max_pairs)
+        return self._samples("eval_file", self.data.eval_max_pairs)
 
     def loss(self, module: torch.nn.Module, sample: dict) -> torch.Tensor:
         """Cross-entropy against the label, or against the model's own top-1 class unlabelled."""

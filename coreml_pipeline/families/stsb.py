@@ -10,7 +10,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from coreml_pipeline.config.schema import PAIR_FILE_TYPES, DataConfig, fail
+from coreml_pipeline.config.schema import DataConfig, fail
+from coreml_pipeline.families.tables import SPLIT_KEYS, read_table
 
 COLUMNS = ["genre", "file", "years", "id", "score", "sentence1", "sentence2"]
 
@@ -35,47 +36,25 @@ def read_split(cfg: DataConfig, file_name: str):
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(cfg.dir) / file_name
     if cfg.format == "stsb":
         # quoting=3 (QUOTE_NONE): the sentences contain unbalanced quote characters.
-        return datasets.load_dataset("csv", data_files={"split": str(path)}, split="split", delimiter="\t",
-                                     quoting=3, column_names=COLUMNS)
-    key = next(k for k in ("calibration_file", "eval_file", "train_file") if getattr(cfg, k) == file_name)
-    options = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-    if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():
-        # the json readers fail on an empty file without saying so
-        fail(f"data.{key}", file_name, f"allowed: a split with pairs; {path} holds none")
-    try:
-        split = datasets.load_dataset(PAIR_FILE_TYPES[path.suffix], data_files={"split": str(path)}, split="split",
-                                      **options)
-    except Exception as exc:  # noqa: BLE001 - pyarrow, json and csv readers each raise their own
-        fail(f"data.{key}", file_name, f"allowed: a readable {path.suffix} file; {path} does not read "
-             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
-    if len(split) == 0:
-        fail(f"data.{key}", file_name, f"allowed: a split with pairs; {path} holds none")
-    mapping = {"sentence1_column": "sentence1", "sentence2_column": "sentence2", "score_column": "score"}
-    for option in mapping:
-        column = getattr(cfg, option)
-        if column not in split.column_names:
-            fail(f"data.{option}", column, f"allowed: a column of {file_name}: {', '.join(split.column_names)}")
+        return datasets.load_dataset("csv", data_files={"split": str(Path(cfg.dir) / file_name)}, split="split",
+                                     delimiter="\t", quoting=3, column_names=COLUMNS)
+    key = next(k for k in SPLIT_KEYS if getattr(cfg, k) == file_name)
+    split = read_table(cfg, key, ("sentence1", "sentence2", "score"))
+    columns = cfg.columns
     low, high = cfg.score_range
-    for row, value in enumerate(split[cfg.score_column]):
+    for row, value in enumerate(split[columns.score]):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail("data.score_column", cfg.score_column, f"allowed: a numeric column; row {row} of {file_name} "
+            fail("data.columns.score", columns.score, f"allowed: a numeric column; row {row} of {file_name} "
                  f"holds {value!r}")
         if not low <= value <= high:
             fail("data.score_range", cfg.score_range, f"allowed: a range holding every score; row {row} of "
                  f"{file_name} holds {value}")
-    split = split.select_columns([getattr(cfg, option) for option in mapping])
-    split = split.rename_columns({getattr(cfg, o): name for o, name in mapping.items() if getattr(cfg, o) != name})
+    mapping = {columns.sentence1: "sentence1", columns.sentence2: "sentence2", columns.score: "score"}
+    split = split.select_columns(list(mapping))
+    split = split.rename_columns({column: name for column, name in mapping.items() if column != name})
     return split.map(lambda row: {"score": 5.0 * (row["score"] - low) / (high - low)})
-
-
-def check_splits(cfg: DataConfig) -> None:
-    """Every split of a data.format=pairs config read and checked (the validate stage: before any model loads)."""
-    if cfg.format == "pairs":
-        for name in dict.fromkeys((cfg.calibration_file, cfg.eval_file, cfg.train_file)):
-            read_split(cfg, name)
 
 
 def load_pairs(cfg: DataConfig, file_name: str, max_pairs: int | None = None, seed: int | None = None) -> Pairs:

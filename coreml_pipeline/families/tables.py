@@ -1,0 +1,96 @@
+"""Splits stored as table files (csv, tsv, json, jsonl, parquet), read through `datasets`, for every
+data format that takes them: sentence pairs (stsb.py), a text column (causal_lm) and an image column
+with labels (image_classifier). Each failure is one ConfigError line naming the config key, the value
+and what is allowed, raised before any model loads (the validate stage calls ``check_splits``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from coreml_pipeline.config.schema import TABLE_FILE_TYPES, DataConfig, fail
+
+SPLIT_KEYS = ("calibration_file", "eval_file", "train_file")
+
+
+def read_table(cfg: DataConfig, key: str, columns: tuple[str, ...]):
+    """Split data.<key> as a `datasets.Dataset`, holding every data.columns.<name> in ``columns``."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    file_name = getattr(cfg, key)
+    path = Path(cfg.dir) / file_name
+    options = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():
+        # the json readers fail on an empty file without saying so
+        fail(f"data.{key}", file_name, f"allowed: a split with rows; {path} holds none")
+    try:
+        split = datasets.load_dataset(TABLE_FILE_TYPES[path.suffix], data_files={"split": str(path)}, split="split",
+                                      **options)
+    except Exception as exc:  # noqa: BLE001 - pyarrow, json and csv readers each raise their own
+        fail(f"data.{key}", file_name, f"allowed: a readable {path.suffix} file; {path} does not read "
+             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+    if len(split) == 0:
+        fail(f"data.{key}", file_name, f"allowed: a split with rows; {path} holds none")
+    for name in columns:
+        column = getattr(cfg.columns, name)
+        if column not in split.column_names:
+            fail(f"data.columns.{name}", column, f"allowed: a column of {file_name}: {', '.join(split.column_names)}")
+    return split
+
+
+def text_of(cfg: DataConfig, key: str) -> str:
+    """Split data.<key> as one text: a plain text file, or the data.columns.text column of a table file
+    (its rows joined by blank lines, as paragraphs)."""
+    path = Path(cfg.dir) / getattr(cfg, key)
+    if not cfg.is_table(key):
+        return path.read_text(encoding="utf-8")
+    split = read_table(cfg, key, ("text",))
+    rows = split[cfg.columns.text]
+    for row, value in enumerate(rows):
+        if not isinstance(value, str):
+            fail("data.columns.text", cfg.columns.text, f"allowed: a column of strings; row {row} of "
+                 f"{getattr(cfg, key)} holds {value!r}")
+    return "\n\n".join(value for value in rows if value.strip())
+
+
+def image_table(cfg: DataConfig, key: str):
+    """Split data.<key> (a table file) with its data.columns.image column decoded as images (paths
+    resolved against the file's folder and checked) and renamed image, its label column (if any)
+    renamed label."""
+    import datasets
+
+    wanted = ("image", "label") if cfg.columns.label is not None else ("image",)
+    split = read_table(cfg, key, wanted)
+    column = cfg.columns.image
+    feature = split.features[column]
+    if not isinstance(feature, datasets.Image):
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            fail("data.columns.image", column, f"allowed: an image column (datasets Image) or image paths; "
+                 f"{getattr(cfg, key)} holds {feature}")
+        folder = (Path(cfg.dir) / getattr(cfg, key)).parent
+        for row, name in enumerate(split[column]):
+            if not (folder / name).is_file():
+                fail("data.columns.image", column, f"allowed: paths of image files relative to {folder}; row {row} "
+                     f"of {getattr(cfg, key)} names {name!r}, which does not exist")
+        split = split.map(lambda item: {column: str(folder / item[column])})
+        split = split.cast_column(column, datasets.Image())
+    split = split.select_columns([getattr(cfg.columns, name) for name in wanted])
+    renames = {getattr(cfg.columns, name): name for name in wanted if getattr(cfg.columns, name) != name}
+    return split.rename_columns(renames) if renames else split
+
+
+def check_splits(cfg: DataConfig) -> None:
+    """Every table split read and its columns checked (the validate stage: before any model loads)."""
+    from coreml_pipeline.families import stsb
+
+    by_file = {getattr(cfg, key): key for key in reversed(SPLIT_KEYS) if cfg.is_table(key)}
+    for key in reversed(by_file.values()):
+        if cfg.format == "pairs":
+            stsb.read_split(cfg, getattr(cfg, key))
+        elif cfg.format == "text":
+            text_of(cfg, key)
+        else:
+            image_table(cfg, key)
