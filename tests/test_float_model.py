@@ -26,3 +26,20 @@ def test_float_model_reproduces_published_stsb_spearman(monkeypatch):
     pairs = eval_pairs(DataConfig())
     embeddings = encode(load_float_model(model_cfg), load_tokenizer(model_cfg), pairs.sentences(), model_cfg)
     assert sts_spearman(embeddings, pairs) == pytest.approx(82.03, abs=0.005)
+
+
+def test_length_sorted_batches_return_each_sentence_in_its_place(monkeypatch):
+    """encode batches sentences by token count: every row is its own sentence's embedding (as encoded
+    alone, without padding), in the input order, whatever the batch size."""
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    model_cfg = SentenceEmbeddingConfig()
+    model, tokenizer = load_float_model(model_cfg), load_tokenizer(model_cfg)
+    pairs = eval_pairs(DataConfig())
+    sentences = pairs.sentences()[:40:3] + ["a", "a much longer sentence " * 12, ""]
+    alone = torch.cat([encode(model, tokenizer, [sentence], model_cfg) for sentence in sentences])
+    for batch_size in (4, 64):
+        batched = encode(model, tokenizer, sentences, model_cfg, batch_size)
+        assert batched.shape == alone.shape and torch.allclose(batched, alone, atol=1e-5)
+    assert encode(model, tokenizer, [], model_cfg).shape == (0,)
