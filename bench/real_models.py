@@ -46,6 +46,8 @@ EFFICIENTNET: list[tuple[str, list[str], str]] = [
     ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"] + G16,
      "40% SparseGPT (depthwise convs unpruned), then sensitive k-means 4-bit, group 16"),
 ]
+# quantize.layer_dtypes keeping SmolLM2's token embedding and (untied) head at one dtype.
+EMBEDDING_HEAD_AT = "quantize.layer_dtypes={{model.embed_tokens:{0},lm_head:{0}}}"
 # 16 calibration windows of 128 tokens for the sensitivity, SparseGPT and GPTQ (of the 40 in the dev text).
 LM_SAMPLES = ["calibrate.num_samples=16", "prune.num_samples=16", "quantize.num_samples=16"]
 SMOLLM2: list[tuple[str, list[str], str]] = [
@@ -60,6 +62,14 @@ SMOLLM2: list[tuple[str, list[str], str]] = [
      "linear uint4, affine, per block of 32: the GGUF's own Q4_1 grid (see below)"),
     ("gptq-uint4-per-block-32", NO_PALETTE + ["quantize=gptq"], "GPTQ uint4, per block of 32"),
     ("sparsegpt40-skm-4bit-g16", ["prune=sparse_gpt"] + G16, "40% SparseGPT, then sensitive k-means 4-bit, group 16"),
+    # The fair 4-bit comparison on this GGUF: embedding and head at 8 bits per block of 32, as its Q8_0 has them.
+    ("int4-per-block-32-emb8", NO_PALETTE + ["quantize=int4_block", EMBEDDING_HEAD_AT.format("int8")],
+     "linear int4, symmetric, per block of 32; embedding and head int8 per block of 32 (Q8_0's grid)"),
+    ("uint4-affine-per-block-32-emb8", NO_PALETTE + ["quantize=int4_block", "quantize.dtype=uint4",
+                                                     "quantize.scheme=affine", EMBEDDING_HEAD_AT.format("int8")],
+     "linear uint4, affine, per block of 32; embedding and head int8 per block of 32: the GGUF's own layout"),
+    ("gptq-uint4-per-block-32-emb8", NO_PALETTE + ["quantize=gptq", EMBEDDING_HEAD_AT.format("uint8")],
+     "GPTQ uint4, per block of 32; embedding and head uint8 per block of 32"),
 ]
 
 

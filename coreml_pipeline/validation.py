@@ -74,6 +74,12 @@ def check_shapes(sections: dict[str, Any], layers: list[dict]) -> None:
             if misfit:
                 schema.fail("palettize.cluster_dim", pal.cluster_dim,
                             f"does not divide the channel axis of {_describe(misfit[0])}")
+    if quant is not None and quant.method != "none":
+        quantized = [layer["name"] for layer in layers if quant.embeddings or layer["kind"] != "Embedding"]
+        for pattern in quant.layer_dtypes:
+            if not any(re.fullmatch(pattern, name) for name in quantized):
+                schema.fail("quantize.layer_dtypes", pattern,
+                            f"allowed: a regex matching quantized layer names such as {', '.join(quantized[:3])}")
     if quant is not None and quant.method != "none" and quant.granularity == "per_block":
         misfit = [layer for layer in layers if not _block_fits(layer, quant.block_size)]
         if misfit:

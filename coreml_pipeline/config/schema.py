@@ -39,6 +39,11 @@ PACKAGED_PREFIX = "package:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def dtype_bits(dtype: str) -> int:
+    """Bits of a quantize dtype (int8 -> 8, uint4 -> 4)."""
+    return int(dtype.removeprefix("u").removeprefix("int"))
+
+
 class ConfigError(ValueError):
     """A config value that is not allowed; the message is one line."""
 
@@ -338,9 +343,27 @@ class QuantizeConfig:
     embeddings: bool = True
     # gptq only: calibration sentences for the layer-wise Hessians.
     num_samples: int = 64
+    # Mixed precision: {layer-name regex: dtype}, embedding tables included. As in coremltools'
+    # module_name_configs the first pattern that fully matches a layer name wins; other layers take
+    # dtype (granularity, scheme and block_size are shared). null: every layer at dtype. E.g.
+    # {"model.embed_tokens|lm_head": int8} keeps an LM's embedding and head at 8 bits.
+    layer_dtypes: Optional[Dict[str, str]] = None
+
+    def __post_init__(self) -> None:
+        self.layer_dtypes = dict(self.layer_dtypes or {})
+
+    def layer_dtype(self, name: str) -> str:
+        """The dtype of layer ``name``: the first layer_dtypes pattern that fully matches it, else dtype."""
+        return next((dtype for pattern, dtype in self.layer_dtypes.items() if re.fullmatch(pattern, name)), self.dtype)
 
     def check(self, prefix: str = "quantize") -> None:
         check_choice(f"{prefix}.dtype", self.dtype, QUANTIZE_DTYPES)
+        for pattern, dtype in self.layer_dtypes.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                fail(f"{prefix}.layer_dtypes", pattern, f"allowed: a regular expression over layer names ({exc})")
+            check_choice(f"{prefix}.layer_dtypes.{pattern}", dtype, QUANTIZE_DTYPES)
         check_choice(f"{prefix}.scheme", self.scheme, QUANTIZE_SCHEMES)
         check_choice(f"{prefix}.granularity", self.granularity, QUANTIZE_GRANULARITIES)
         if self.granularity == "per_block":
@@ -351,7 +374,7 @@ class QuantizeConfig:
 
     @property
     def n_bits(self) -> int:
-        return int(self.dtype.removeprefix("u").removeprefix("int"))
+        return dtype_bits(self.dtype)
 
 
 @dataclass
@@ -569,10 +592,12 @@ def check_combination(sections: dict[str, Any]) -> None:
 
     families.check(sections)
     palettize = sections.get("palettize")
-    mixed = palettize is not None and bool(palettize.layer_bits)
+    quantize = sections.get("quantize")
+    mixed = [key for key, on in (("palettize.layer_bits", palettize is not None and palettize.layer_bits),
+                                 ("quantize.layer_dtypes", quantize is not None and quantize.layer_dtypes)) if on]
     coreml = sections.get("coreml")
     if mixed and coreml is not None and coreml.enabled:
-        fail("coreml.enabled", True, "allowed: false with palettize.layer_bits (the Core ML side configures "
+        fail("coreml.enabled", True, f"allowed: false with {mixed[0]} (the Core ML side configures "
              "ops by type, not by layer)")
     if coreml is not None and coreml.enabled:
         for key in ("prune", "palettize", "quantize"):

@@ -13,6 +13,7 @@ the Hessians held at once stay under a memory budget."""
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -56,10 +57,11 @@ def layer_groups(model: torch.nn.Module, budget: int = HESSIAN_BUDGET_BYTES) -> 
 
 @torch.no_grad()
 def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, family, samples: list[dict],
-                        device, budget: int = HESSIAN_BUDGET_BYTES) -> torch.nn.Module:
-    """Run coremltools' ``algorithm`` ("sparse_gpt" or "gptq", with its module ``options``) on
-    every Linear/Conv2d layer of ``model``, fed the family's calibration ``samples`` on ``device``;
-    the model comes back on the CPU."""
+                        device, budget: int = HESSIAN_BUDGET_BYTES, name_options: dict | None = None
+                        ) -> torch.nn.Module:
+    """Run coremltools' ``algorithm`` ("sparse_gpt" or "gptq", with its module ``options``, or those of
+    the first ``name_options`` pattern that fully matches a layer's name) on every Linear/Conv2d layer
+    of ``model``, fed the family's calibration ``samples`` on ``device``; the model comes back on the CPU."""
     from coremltools.optimize.torch.layerwise_compression.algorithms import (
         LayerwiseCompressionAlgorithm,
         LayerwiseCompressionAlgorithmConfig,
@@ -67,12 +69,15 @@ def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, f
 
     from coreml_pipeline.coreml.private import register_metadata_version
 
-    config = LayerwiseCompressionAlgorithmConfig.get_class(algorithm).from_dict({"algorithm": algorithm, **options})
+    def config(name: str):
+        chosen = next((o for pattern, o in (name_options or {}).items() if re.fullmatch(pattern, name)), options)
+        return LayerwiseCompressionAlgorithmConfig.get_class(algorithm).from_dict({"algorithm": algorithm, **chosen})
+
     algorithm_class = LayerwiseCompressionAlgorithm.get_class(algorithm)
     wrapped = family.wrap(model).eval().to(device)
     groups = layer_groups(model, budget)
     for index, group in enumerate(progress(groups, algorithm, unit="layer group")):
-        workers = {name: algorithm_class(layer, config) for name, layer in group}
+        workers = {name: algorithm_class(layer, config(name)) for name, layer in group}
         hooks = [layer.register_forward_hook(
                      lambda _, inputs, output, worker=workers[name]: worker.add_batch(inputs[0].data, output.data))
                  for name, layer in group]
@@ -91,17 +96,21 @@ def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, f
 
 
 def compress_blocks(model: torch.nn.Module, algorithm: str, options: dict, samples: list, blocks: str,
-                    device="cpu") -> torch.nn.Module:
-    """coremltools' LayerwiseCompressor running ``algorithm`` with its ``options`` over the stack of
-    repeated ``blocks`` (a module-name regex), fed ``samples``; the model comes back on the CPU."""
+                    device="cpu", name_options: dict | None = None) -> torch.nn.Module:
+    """coremltools' LayerwiseCompressor running ``algorithm`` with its ``options`` (those of the first
+    ``name_options`` pattern that fully matches a layer's name: its module_name_configs rule) over the
+    stack of repeated ``blocks`` (a module-name regex), fed ``samples``; the model comes back on the CPU."""
     from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor, LayerwiseCompressorConfig
 
-    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict({
+    config = {
         "global_config": {"algorithm": algorithm, **options},
         "input_cacher": "gpt",  # the default cacher fails on BERT ("not enough values to unpack")
         "layers": [blocks],
         "calibration_nsamples": len(samples),
-    }))
+    }
+    if name_options:
+        config["module_name_configs"] = {pattern: {"algorithm": algorithm, **o} for pattern, o in name_options.items()}
+    compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict(config))
     return compressor.compress(samples, device=str(device), inplace=True).cpu()
 
 
@@ -114,14 +123,16 @@ def family_samples(family, num_samples: int) -> list:
 
 
 def compress(model: torch.nn.Module, algorithm: str, options: dict, num_samples: int, device="cpu", family=None,
-             samples: list | None = None, blocks: str | None = None) -> torch.nn.Module:
-    """``algorithm`` on calibration data. ``family`` given: over its block stack on its layer-wise
-    samples, or layer by layer (compress_each_layer) on its calibration samples when it has none;
-    without a family, over ``blocks`` on ``samples``."""
+             samples: list | None = None, blocks: str | None = None, name_options: dict | None = None
+             ) -> torch.nn.Module:
+    """``algorithm`` on calibration data, with ``options`` (or, per layer, those of the first
+    ``name_options`` pattern that fully matches its name). ``family`` given: over its block stack on
+    its layer-wise samples, or layer by layer (compress_each_layer) on its calibration samples when it
+    has none; without a family, over ``blocks`` on ``samples``."""
     if family is not None:
         samples = family_samples(family, num_samples)
         warn_if_capped(log, NUM_SAMPLES_KEY[algorithm], num_samples, len(samples), "the calibration split")
         if not family.block_stack:
-            return compress_each_layer(model, algorithm, options, family, samples, device)
+            return compress_each_layer(model, algorithm, options, family, samples, device, name_options=name_options)
         blocks = family.layerwise_blocks(model)
-    return compress_blocks(model, algorithm, options, samples or [], blocks, device)
+    return compress_blocks(model, algorithm, options, samples or [], blocks, device, name_options)

@@ -3,11 +3,13 @@ per-row quantization of embedding tables (which coremltools' torch quantizer ski
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
 from coreml_pipeline import runtime
-from coreml_pipeline.config.schema import QuantizeConfig
+from coreml_pipeline.config.schema import QuantizeConfig, dtype_bits
 from coreml_pipeline.model import (
     BERT_BLOCKS,
     QUANTIZATION,
@@ -23,8 +25,9 @@ from coreml_pipeline.techniques.registry import get
 SCHEMES = {"symmetric": "LINEAR_SYMMETRIC", "affine": "LINEAR"}
 
 
-def module_config(cfg: QuantizeConfig) -> dict:
-    options = {"weight_dtype": cfg.dtype, "granularity": cfg.granularity, "quantization_scheme": cfg.scheme}
+def module_config(cfg: QuantizeConfig, dtype: str | None = None) -> dict:
+    """coremltools' module options for the section's settings (at ``dtype``: one layer's, layer_dtypes)."""
+    options = {"weight_dtype": dtype or cfg.dtype, "granularity": cfg.granularity, "quantization_scheme": cfg.scheme}
     if cfg.granularity == "per_block":
         options["block_size"] = cfg.block_size
     return options
@@ -34,9 +37,12 @@ def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Mod
     from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
     kinds = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    by_name = subclass_configs(model, kinds, module_config(cfg))
+    if cfg.layer_dtypes:  # every layer by its own name: its dtype (the first pattern that fully matches it)
+        by_name = {re.escape(name): module_config(cfg, cfg.layer_dtype(name)) for name, module in
+                   compressible_weights(model) if not isinstance(module, torch.nn.Embedding)}
     quantizer = PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict({
-        "module_type_configs": {kind: module_config(cfg) for kind in kinds},
-        "module_name_configs": subclass_configs(model, kinds, module_config(cfg))}))
+        "module_type_configs": {kind: module_config(cfg) for kind in kinds}, "module_name_configs": by_name}))
     return quantizer.compress(inplace=True)
 
 
@@ -45,15 +51,14 @@ def outside_blocks(model: torch.nn.Module, cfg: QuantizeConfig) -> list[str]:
     (depthwise) convolution (techniques/layerwise.py); a layer it left (a causal LM's head, an
     EfficientNet's depthwise convs) is quantized data-free with the same settings rather than left
     float16. Returns their names."""
-    import re
-
     from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
     left = [name for name, module in compressible_weights(model)
             if not isinstance(module, torch.nn.Embedding) and QUANTIZATION not in compression_types(module)]
     if left:
         PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict({
-            "global_config": None, "module_name_configs": {re.escape(name): module_config(cfg) for name in left}})
+            "global_config": None,
+            "module_name_configs": {re.escape(name): module_config(cfg, cfg.layer_dtype(name)) for name in left}})
         ).compress(inplace=True)
         runtime.log.info("GPTQ left %d layer(s) (outside the block stack, or grouped convolutions); quantized "
                          "data-free: %s", len(left), ", ".join(left[:4]))
@@ -66,13 +71,14 @@ def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
     from coreml_pipeline.coreml.private import blockwise_compress, register_compression
 
     done = 0
-    for _, module in model.named_modules():
+    for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Embedding):
             continue
         weight = module.weight.detach().numpy().astype(np.float32)
         blocks = {"per_tensor": [0, 0], "per_channel": [1, 0], "per_block": [1, cfg.block_size]}[cfg.granularity]
-        params = blockwise_compress(
-            weight, cfg.n_bits, SCHEMES[cfg.scheme], not cfg.dtype.startswith("u"), blocks)
+        dtype = cfg.layer_dtype(name)
+        n_bits = dtype_bits(dtype)
+        params = blockwise_compress(weight, n_bits, SCHEMES[cfg.scheme], not dtype.startswith("u"), blocks)
         if params is None:  # the hidden size does not divide by block_size
             raise ValueError(f"quantize.block_size={cfg.block_size}: does not divide the embedding width "
                              f"{weight.shape[1]}; allowed: a divisor of every layer's input size")
@@ -87,7 +93,7 @@ def quantize_embeddings(model: torch.nn.Module, cfg: QuantizeConfig) -> int:
         dequantized = levels * expand_blocks(scale, levels.shape)
         with torch.no_grad():
             module.weight.copy_(dequantized)
-        register_compression(module, quantization_n_bits=cfg.n_bits, quantization_scale=scale, zero_point=offset,
+        register_compression(module, quantization_n_bits=n_bits, quantization_scale=scale, zero_point=offset,
                              compression_type=["quantization"])  # appended to pruning, if any
         done += 1
     return done

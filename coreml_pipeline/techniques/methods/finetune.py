@@ -71,6 +71,12 @@ class QAT(FinetuneMethod):
     name = "qat"
     target, stored_by = "quantize", "linear"
 
+    def check_with(self, sections) -> None:
+        super().check_with(sections)
+        quantize = sections.get("quantize")
+        if quantize is not None and quantize.layer_dtypes:
+            fail("finetune.method", self.name, "allowed with quantize.layer_dtypes={} only (QAT trains one dtype)")
+
     def prepare(self, model, cfg: FinetuneConfig):
         from coreml_pipeline.techniques.finetune import qat_prepare
 

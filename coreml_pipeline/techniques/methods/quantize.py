@@ -26,6 +26,10 @@ class QuantizeMethod(Method):
 class NoQuantize(QuantizeMethod):
     name = "none"
 
+    def check(self, cfg: QuantizeConfig, prefix: str) -> None:
+        if cfg.layer_dtypes:
+            fail(f"{prefix}.layer_dtypes", dict(cfg.layer_dtypes), "allowed: {} with method=none")
+
     def apply(self, model, cfg, **inputs):
         return model
 
@@ -52,6 +56,10 @@ class GPTQ(QuantizeMethod):
     def check(self, cfg: QuantizeConfig, prefix: str) -> None:
         if not cfg.dtype.startswith("u"):
             fail(f"{prefix}.dtype", cfg.dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
+        for pattern, dtype in cfg.layer_dtypes.items():
+            if not dtype.startswith("u"):
+                fail(f"{prefix}.layer_dtypes.{pattern}", dtype, "allowed with method=gptq: uint8, uint4 "
+                     "(coremltools GPTQ)")
         if cfg.granularity == "per_tensor":
             fail(f"{prefix}.granularity", cfg.granularity, "allowed with method=gptq: per_channel, per_block")
 
@@ -70,6 +78,8 @@ class GPTQ(QuantizeMethod):
         from coreml_pipeline.techniques import layerwise
         from coreml_pipeline.techniques.quantize import module_config, outside_blocks
 
-        model = layerwise.compress(model, "gptq", module_config(cfg), cfg.num_samples, device, family, samples, blocks)
+        per_layer = {pattern: module_config(cfg, dtype) for pattern, dtype in cfg.layer_dtypes.items()}
+        model = layerwise.compress(model, "gptq", module_config(cfg), cfg.num_samples, device, family, samples, blocks,
+                                   name_options=per_layer)
         outside_blocks(model, cfg)  # the layers GPTQ left: outside the block stack (a head), grouped convolutions
         return model
