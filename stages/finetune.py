@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=runtime.existing_input, required=True, help="pruned weights from the prune stage")
     parser.add_argument("--out", required=True, help="fine-tuned weights (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "finetune", "runtime"), args.params)
-    cfg: FinetuneConfig = params["finetune"]
+    # Its own section first, without the model's check (which imports torch, about 1.1 s): a pass-through
+    # (the default) costs nothing more; the validate stage upstream has checked the model section.
+    cfg: FinetuneConfig = config.load(("finetune",), args.params, whole=False)["finetune"]
     log = runtime.setup("finetune", compute=False)  # a pass-through needs no torch
 
     out = Path(args.out)
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         runtime.pass_through(args.weights, out)
         log.info("finetune.method is none: %s passes through", args.weights)
         return
+    params = config.load(("model", "data", "runtime"), args.params)
     # Imported here: a pass-through (the default) costs no torch or transformers import (about 3 s).
     runtime.prepare_compute(cfg.seed, params["runtime"])
     from coreml_pipeline import families

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=runtime.existing_input, required=True, help="weights from the palettize stage")
     parser.add_argument("--out", required=True, help="quantized weights (.safetensors)")
     args = parser.parse_args(argv)
-    params = config.load(("model", "data", "quantize", "runtime"), args.params)
-    cfg: QuantizeConfig = params["quantize"]
+    # Its own section first, without the model's check (which imports torch, about 1.1 s): a pass-through
+    # (the default) costs nothing more; the validate stage upstream has checked the model section.
+    cfg: QuantizeConfig = config.load(("quantize",), args.params, whole=False)["quantize"]
     log = runtime.setup("quantize", compute=False)  # a pass-through needs no torch
     registry.method("quantize", cfg)  # its own checks, before the weights load
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         runtime.pass_through(args.weights, args.out)
         log.info("quantize.method is none: %s passes through", args.weights)
         return
+    params = config.load(("model", "data", "runtime"), args.params)
     # Imported here: a pass-through (the default) costs no torch or transformers import (about 3 s).
     runtime.prepare_compute(0, params["runtime"])
     from coreml_pipeline import families

@@ -108,8 +108,8 @@ def test_stage_cli_rejects_bad_config_before_touching_outputs(stage, tmp_path):
     bad.write_text(yaml.safe_dump(_with(params, "palettize.n_bits", 5)))
     out = tmp_path / "existing-output"
     out.write_text("cached result")
-    # Every stage validates the file first (sign and coreml_compress: every section but the model's, so that
-    # off they never import torch); the output arguments are never reached.
+    # Every stage validates the file first (sign, coreml_compress, finetune and quantize: every section but the
+    # model's, so that off they never import torch); the output arguments are never reached.
     inp = str(out)  # an input that exists: a missing one is refused first, by argparse
     args = {"inspect": ["--out", str(out)], "validate": ["--out", str(out)], "prune": ["--out", str(out)],
             "calibrate": ["--weights", inp, "--out", str(out)],
