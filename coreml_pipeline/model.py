@@ -154,6 +154,8 @@ def load_weights(cfg: ModelConfig, path: str | Path) -> torch.nn.Module:
 # LayerwiseCompressor (SparseGPT, GPTQ) walks when no family names its own.
 BERT_BLOCKS = r"encoder\.layer\.\d+"
 
+# The layer classes coremltools' torch compressors configure by type (module_type_configs), by name.
+WEIGHT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 COMPRESSIBLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 
 

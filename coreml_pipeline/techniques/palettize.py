@@ -12,7 +12,14 @@ import torch
 
 from coreml_pipeline import runtime
 from coreml_pipeline.config.schema import PalettizeConfig, TensorPaletteConfig
-from coreml_pipeline.model import PALETTIZATION, PRUNING, compressible_weights, compression_metadata, compression_types
+from coreml_pipeline.model import (
+    PALETTIZATION,
+    PRUNING,
+    WEIGHT_LAYER_TYPES,
+    compressible_weights,
+    compression_metadata,
+    compression_types,
+)
 from coreml_pipeline.techniques.methods.palettize import grouping_axis  # importing it also registers the methods
 from coreml_pipeline.techniques.precision import round_like_package, warn_lost_rows
 from coreml_pipeline.techniques.registry import get
@@ -57,7 +64,7 @@ def palettizer_config(cfg: PalettizeConfig, model: torch.nn.Module) -> dict:
     options = {
         "global_config": module_config(cfg),
         "module_type_configs": {
-            **{kind: module_config(cfg) for kind in ("Linear", "Conv1d", "Conv2d", "Conv3d")},
+            **{kind: module_config(cfg) for kind in WEIGHT_LAYER_TYPES},
             "Embedding": module_config(cfg, embeddings.n_bits, embeddings.channel_axis) if embeddings.enabled else None,
         },
     }

@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 
 from coreml_pipeline.config.schema import PruneConfig
-from coreml_pipeline.model import BERT_BLOCKS, subclass_configs
+from coreml_pipeline.model import BERT_BLOCKS, WEIGHT_LAYER_TYPES, subclass_configs
 from coreml_pipeline.techniques.methods import prune as _registers_methods  # noqa: F401
 from coreml_pipeline.techniques.registry import get
 
 # The layers coremltools' MagnitudePruner prunes; embeddings stay dense.
-PRUNED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
 def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> torch.nn.Module:
@@ -21,8 +20,8 @@ def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> torch.nn.Module
     if cfg.n_m_ratio:
         module_cfg["n_m_ratio"] = tuple(cfg.n_m_ratio)
     pruner = MagnitudePruner(model, MagnitudePrunerConfig.from_dict(
-        {"module_type_configs": {kind: module_cfg for kind in PRUNED_TYPES},
-         "module_name_configs": subclass_configs(model, PRUNED_TYPES, module_cfg)}))
+        {"module_type_configs": {kind: module_cfg for kind in WEIGHT_LAYER_TYPES},
+         "module_name_configs": subclass_configs(model, WEIGHT_LAYER_TYPES, module_cfg)}))
     pruner.prepare(inplace=True)
     pruner.step()  # one step of the constant scheduler (begin_step 0) applies the full target
     return pruner.finalize(inplace=True)

@@ -13,6 +13,7 @@ from coreml_pipeline.config.schema import QuantizeConfig, dtype_bits
 from coreml_pipeline.model import (
     BERT_BLOCKS,
     QUANTIZATION,
+    WEIGHT_LAYER_TYPES,
     compressible_weights,
     compression_metadata,
     compression_types,
@@ -36,7 +37,7 @@ def module_config(cfg: QuantizeConfig, dtype: str | None = None) -> dict:
 def linear_quantize(model: torch.nn.Module, cfg: QuantizeConfig) -> torch.nn.Module:
     from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
-    kinds = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    kinds = WEIGHT_LAYER_TYPES
     by_name = subclass_configs(model, kinds, module_config(cfg))
     if cfg.layer_dtypes:  # every layer by its own name: its dtype (the first pattern that fully matches it)
         by_name = {re.escape(name): module_config(cfg, cfg.layer_dtype(name)) for name, module in
