@@ -8,7 +8,8 @@ Per step: wall time of the step itself (model build and imports excluded),
 and peak resident memory of the whole process tree (sampled every 20 ms; the
 k-means workers included) minus the footprint after imports, against the
 stack's float32 size. The steps run the stages' own code on the stack:
-palettize.run (4-bit, group 16, both k-means solvers, 2 workers), the sensitivity
+palettize.run (4-bit, group 16, 2 workers: data-free k-means with both solvers, and
+sensitive k-means with exact_dp on random positive sensitivities), the sensitivity
 (8 random batches, squared-output loss) by SKMPalettizer and by the calibrate
 stage's in-place computation of the same values, and the convert stage's
 ct.convert call (iOS18, float16, bounded index search) plus the reproducible save.
@@ -28,7 +29,8 @@ from pathlib import Path
 
 WIDTH = 2048
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = ("palettize_coremltools", "palettize_exact_dp", "calibrate_coremltools", "calibrate", "convert")
+STEPS = ("palettize_coremltools", "palettize_exact_dp", "palettize_sensitive_exact_dp", "calibrate_coremltools",
+         "calibrate", "convert")
 
 
 class PeakSampler(threading.Thread):
@@ -67,10 +69,10 @@ def stack(layers: int):
     return torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)]).eval()
 
 
-def palettize_config(solver: str):
+def palettize_config(solver: str, method: str = "kmeans"):
     from coreml_pipeline.config.schema import PalettizeConfig
 
-    return PalettizeConfig(method="kmeans", n_bits=4, granularity="per_grouped_channel", group_size=16,
+    return PalettizeConfig(method=method, n_bits=4, granularity="per_grouped_channel", group_size=16,
                            num_kmeans_workers=2, kmeans_solver=solver)
 
 
@@ -101,7 +103,14 @@ def step(name: str, layers: int, tmp: Path) -> dict:
     sampler.start()
     model = stack(layers)
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    if name.startswith("palettize"):
+    if name == "palettize_sensitive_exact_dp":
+        # Random positive sensitivities (the cost does not depend on their values), made before the clock starts.
+        generator = torch.Generator().manual_seed(0)
+        values = {f"{i}.weight": torch.rand(WIDTH, WIDTH, generator=generator) + 1e-3 for i in range(layers)}
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        model = palettize.run(model, palettize_config("exact_dp", "sensitive_kmeans"), values)
+        seconds = time.perf_counter() - start
+    elif name.startswith("palettize"):
         model = palettize.run(model, palettize_config(name.split("_", 1)[1]))
         seconds = time.perf_counter() - start
         if name == "palettize_exact_dp":
