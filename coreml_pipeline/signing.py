@@ -117,7 +117,12 @@ def load_private_key(path: Path | None, password: str | None):
         hint = f"set {PASSWORD_ENV}" if password is None else f"unset {PASSWORD_ENV}: the key is not encrypted"
         raise SigningError(f"private key {path}: {exc} ({hint})") from None
     except ValueError as exc:
-        reason = "wrong passphrase" if password is not None and "decrypt" in str(exc).lower() else "not a PEM private key"
+        # A wrong passphrase usually fails the decryption's padding check ("Bad decrypt"); about one time in
+        # 256 the garbage it decrypts to passes it and fails ASN.1 parsing instead. Either way, an encrypted
+        # key that a given passphrase does not open was given the wrong passphrase.
+        encrypted = b"ENCRYPTED" in data.split(b"-----END", 1)[0]
+        reason = ("wrong passphrase" if password is not None and ("decrypt" in str(exc).lower() or encrypted)
+                  else "not a PEM private key")
         raise SigningError(f"private key {path}: {reason} ({str(exc).splitlines()[0]})") from None
     _check_curve(key.public_key(), path, "private key")
     return key
