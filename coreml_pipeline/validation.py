@@ -48,17 +48,21 @@ def _describe(layer: dict) -> str:
     return f"{layer['name']} ({layer['kind']} {'x'.join(map(str, layer['shape']))})"
 
 
+def _check_patterns_match(key: str, patterns: dict, names: list[str], what: str) -> None:
+    """Every pattern of a per-layer option fully matches one of the layers it applies to."""
+    for pattern in patterns:
+        if not any(re.fullmatch(pattern, name) for name in names):
+            schema.fail(key, pattern, f"allowed: a regex matching {what} layer names such as {', '.join(names[:3])}")
+
+
 def check_shapes(sections: dict[str, Any], layers: list[dict]) -> None:
     """The options that depend on the model's shapes, against its layer table (the inspect stage's):
     one ConfigError line naming the key, the value, the first layer it does not fit and what fits."""
     pal, quant = sections.get("palettize"), sections.get("quantize")
     if pal is not None and pal.method != "none":
         palettized = [layer for layer in layers if pal.embeddings.enabled or layer["kind"] != "Embedding"]
-        names = [layer["name"] for layer in palettized]
-        for pattern in pal.layer_bits:
-            if not any(re.fullmatch(pattern, name) for name in names):
-                schema.fail("palettize.layer_bits", pattern,
-                            f"allowed: a regex matching palettized layer names such as {', '.join(names[:3])}")
+        _check_patterns_match("palettize.layer_bits", pal.layer_bits, [layer["name"] for layer in palettized],
+                              "palettized")
         if pal.granularity == "per_grouped_channel":
             misfit = [layer for layer in palettized if not _groups(layer, pal, pal.group_size)]
             if misfit:
@@ -75,11 +79,9 @@ def check_shapes(sections: dict[str, Any], layers: list[dict]) -> None:
                 schema.fail("palettize.cluster_dim", pal.cluster_dim,
                             f"does not divide the channel axis of {_describe(misfit[0])}")
     if quant is not None and quant.method != "none":
-        quantized = [layer["name"] for layer in layers if quant.embeddings or layer["kind"] != "Embedding"]
-        for pattern in quant.layer_dtypes:
-            if not any(re.fullmatch(pattern, name) for name in quantized):
-                schema.fail("quantize.layer_dtypes", pattern,
-                            f"allowed: a regex matching quantized layer names such as {', '.join(quantized[:3])}")
+        _check_patterns_match("quantize.layer_dtypes", quant.layer_dtypes,
+                              [layer["name"] for layer in layers if quant.embeddings or layer["kind"] != "Embedding"],
+                              "quantized")
     if quant is not None and quant.method != "none" and quant.granularity == "per_block":
         misfit = [layer for layer in layers if not _block_fits(layer, quant.block_size)]
         if misfit:

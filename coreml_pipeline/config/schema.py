@@ -44,6 +44,22 @@ def dtype_bits(dtype: str) -> int:
     return int(dtype.removeprefix("u").removeprefix("int"))
 
 
+def first_match(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of the first pattern that fully matches ``name`` (coremltools' module_name_configs
+    rule), else ``default``: how palettize.layer_bits and quantize.layer_dtypes pick a layer's value."""
+    return next((value for pattern, value in patterns.items() if re.fullmatch(pattern, name)), default)
+
+
+def check_layer_patterns(key: str, patterns: dict[str, Any], allowed: tuple) -> None:
+    """A {layer-name regex: value} option: every pattern compiles and every value is allowed."""
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            fail(key, pattern, f"allowed: a regular expression over layer names ({exc})")
+        check_choice(f"{key}.{pattern}", value, allowed)
+
+
 class ConfigError(ValueError):
     """A config value that is not allowed; the message is one line."""
 
@@ -314,12 +330,7 @@ class PalettizeConfig(TensorPaletteConfig):
         TensorPaletteConfig.check(self, prefix)
         self.embeddings.check(f"{prefix}.embeddings")
         check_positive_int(f"{prefix}.num_kmeans_workers", self.num_kmeans_workers)
-        for pattern, bits in self.layer_bits.items():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                fail(f"{prefix}.layer_bits", pattern, f"allowed: a regular expression over layer names ({exc})")
-            check_choice(f"{prefix}.layer_bits.{pattern}", bits, PALETTE_BITS)
+        check_layer_patterns(f"{prefix}.layer_bits", self.layer_bits, PALETTE_BITS)
         check_choice(f"{prefix}.kmeans_solver", self.kmeans_solver, KMEANS_SOLVERS)
 
 
@@ -354,16 +365,11 @@ class QuantizeConfig:
 
     def layer_dtype(self, name: str) -> str:
         """The dtype of layer ``name``: the first layer_dtypes pattern that fully matches it, else dtype."""
-        return next((dtype for pattern, dtype in self.layer_dtypes.items() if re.fullmatch(pattern, name)), self.dtype)
+        return first_match(self.layer_dtypes, name, self.dtype)
 
     def check(self, prefix: str = "quantize") -> None:
         check_choice(f"{prefix}.dtype", self.dtype, QUANTIZE_DTYPES)
-        for pattern, dtype in self.layer_dtypes.items():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                fail(f"{prefix}.layer_dtypes", pattern, f"allowed: a regular expression over layer names ({exc})")
-            check_choice(f"{prefix}.layer_dtypes.{pattern}", dtype, QUANTIZE_DTYPES)
+        check_layer_patterns(f"{prefix}.layer_dtypes", self.layer_dtypes, QUANTIZE_DTYPES)
         check_choice(f"{prefix}.scheme", self.scheme, QUANTIZE_SCHEMES)
         check_choice(f"{prefix}.granularity", self.granularity, QUANTIZE_GRANULARITIES)
         if self.granularity == "per_block":

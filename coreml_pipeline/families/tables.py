@@ -44,9 +44,8 @@ def read_table(cfg: DataConfig, key: str, columns: tuple[str, ...]):
 def text_of(cfg: DataConfig, key: str) -> str:
     """Split data.<key> as one text: a plain text file, or the data.columns.text column of a table file
     (its rows joined by blank lines, as paragraphs)."""
-    path = Path(cfg.dir) / getattr(cfg, key)
     if not cfg.is_table(key):
-        return path.read_text(encoding="utf-8")
+        return (Path(cfg.dir) / getattr(cfg, key)).read_text(encoding="utf-8")
     split = read_table(cfg, key, ("text",))
     rows = split[cfg.columns.text]
     for row, value in enumerate(rows):
@@ -64,17 +63,17 @@ def image_table(cfg: DataConfig, key: str):
 
     wanted = ("image", "label") if cfg.columns.label is not None else ("image",)
     split = read_table(cfg, key, wanted)
-    column = cfg.columns.image
+    file_name, column = getattr(cfg, key), cfg.columns.image
     feature = split.features[column]
     if not isinstance(feature, datasets.Image):
         if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
             fail("data.columns.image", column, f"allowed: an image column (datasets Image) or image paths; "
-                 f"{getattr(cfg, key)} holds {feature}")
-        folder = (Path(cfg.dir) / getattr(cfg, key)).parent
+                 f"{file_name} holds {feature}")
+        folder = (Path(cfg.dir) / file_name).parent
         for row, name in enumerate(split[column]):
             if not (folder / name).is_file():
                 fail("data.columns.image", column, f"allowed: paths of image files relative to {folder}; row {row} "
-                     f"of {getattr(cfg, key)} names {name!r}, which does not exist")
+                     f"of {file_name} names {name!r}, which does not exist")
         split = split.map(lambda item: {column: str(folder / item[column])})
         split = split.cast_column(column, datasets.Image())
     split = split.select_columns([getattr(cfg.columns, name) for name in wanted])
@@ -86,8 +85,11 @@ def check_splits(cfg: DataConfig) -> None:
     """Every table split read and its columns checked (the validate stage: before any model loads)."""
     from coreml_pipeline.families import stsb
 
-    by_file = {getattr(cfg, key): key for key in reversed(SPLIT_KEYS) if cfg.is_table(key)}
-    for key in reversed(by_file.values()):
+    first_key = {}  # each file once, under the first key naming it
+    for key in SPLIT_KEYS:
+        if cfg.is_table(key):
+            first_key.setdefault(getattr(cfg, key), key)
+    for key in first_key.values():
         if cfg.format == "pairs":
             stsb.read_split(cfg, getattr(cfg, key))
         elif cfg.format == "text":

@@ -13,10 +13,10 @@ the Hessians held at once stay under a memory budget."""
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 
+from coreml_pipeline.config.schema import first_match
 from coreml_pipeline.runtime import progress, warn_if_capped
 
 log = logging.getLogger("pipeline.layerwise")
@@ -70,7 +70,7 @@ def compress_each_layer(model: torch.nn.Module, algorithm: str, options: dict, f
     from coreml_pipeline.coreml.private import register_metadata_version
 
     def config(name: str):
-        chosen = next((o for pattern, o in (name_options or {}).items() if re.fullmatch(pattern, name)), options)
+        chosen = first_match(name_options or {}, name, options)
         return LayerwiseCompressionAlgorithmConfig.get_class(algorithm).from_dict({"algorithm": algorithm, **chosen})
 
     algorithm_class = LayerwiseCompressionAlgorithm.get_class(algorithm)

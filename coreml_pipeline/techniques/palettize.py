@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from coreml_pipeline import runtime
-from coreml_pipeline.config.schema import PalettizeConfig, TensorPaletteConfig
+from coreml_pipeline.config.schema import PalettizeConfig, TensorPaletteConfig, first_match
 from coreml_pipeline.model import (
     PALETTIZATION,
     PRUNING,
@@ -41,10 +41,7 @@ def module_config(cfg: TensorPaletteConfig, n_bits: int | None = None, channel_a
 def layer_n_bits(cfg: PalettizeConfig, name: str, embedding: bool) -> int:
     """Bits of one layer: the first palettize.layer_bits pattern that fully matches
     its name (coremltools' module_name_configs rule), else the section's default."""
-    for pattern, bits in cfg.layer_bits.items():
-        if re.fullmatch(pattern, name):
-            return bits
-    return (cfg.embeddings.n_bits or cfg.n_bits) if embedding else cfg.n_bits
+    return first_match(cfg.layer_bits, name, (cfg.embeddings.n_bits or cfg.n_bits) if embedding else cfg.n_bits)
 
 
 def palettized_layers(model: torch.nn.Module, cfg: PalettizeConfig) -> list[tuple[str, torch.nn.Module]]:
