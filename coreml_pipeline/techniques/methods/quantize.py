@@ -54,12 +54,9 @@ class GPTQ(QuantizeMethod):
     name = "gptq"
 
     def check(self, cfg: QuantizeConfig, prefix: str) -> None:
-        if not cfg.dtype.startswith("u"):
-            fail(f"{prefix}.dtype", cfg.dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
-        for pattern, dtype in cfg.layer_dtypes.items():
+        for key, dtype in (("dtype", cfg.dtype), *((f"layer_dtypes.{p}", d) for p, d in cfg.layer_dtypes.items())):
             if not dtype.startswith("u"):
-                fail(f"{prefix}.layer_dtypes.{pattern}", dtype, "allowed with method=gptq: uint8, uint4 "
-                     "(coremltools GPTQ)")
+                fail(f"{prefix}.{key}", dtype, "allowed with method=gptq: uint8, uint4 (coremltools GPTQ)")
         if cfg.granularity == "per_tensor":
             fail(f"{prefix}.granularity", cfg.granularity, "allowed with method=gptq: per_channel, per_block")
 
