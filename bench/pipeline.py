@@ -62,6 +62,9 @@ def measure(change: str = "palettize.group_size=8") -> dict:
         plain = clone.timed([sys.executable, "-m", "bench.plain_script", "--out", str(Path(tmp) / "plain")])
         plain["metrics"] = json.loads((Path(tmp) / "plain" / "metrics.json").read_text())
         print(f"plain script: {plain['seconds']} s", flush=True)
+        # Cold means no warm stage server either (coreml_pipeline/warmstart.py): the first stage starts it.
+        subprocess.run([sys.executable, "-m", "coreml_pipeline.warmstart", "--stop"], cwd=clone.dir, env=clone.env,
+                       check=True, capture_output=True)
         cold = clone.timed(["dvc", "repro"])
         cold["metrics"] = json.loads((clone.dir / "metrics" / "evaluate.json").read_text())
         print(f"cold dvc repro: {cold['seconds']} s", flush=True)

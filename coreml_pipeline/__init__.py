@@ -13,3 +13,7 @@ import os as _os
 # flood CI logs; stages log their own progress. PIPELINE_PROGRESS=1 brings them back.
 if _os.environ.get("PIPELINE_PROGRESS") != "1":
     _os.environ.setdefault("TQDM_DISABLE", "1")
+
+# coremltools.optimize.torch logs every sample and layer at INFO unless told otherwise when it is
+# first imported (which, in a warm stage, happened before the stage ran: coreml_pipeline/warmstart.py).
+_os.environ.setdefault("COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL", "warning")

@@ -29,8 +29,6 @@ def setup(stage: str, seed: int = 0, numerics: RuntimeConfig | None = None, comp
     Each stage logs ``stage=<name> start`` once per execution, so sweeps can count
     which stages really ran and which DVC restored from its cache.
     """
-    # coremltools.optimize.torch logs every sample and layer at INFO by default.
-    os.environ.setdefault("COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL", "warning")
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("coremltools", "transformers", "datasets", "torch", "diffusers"):
