@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,8 @@ class Clone:
         self.dir = dest
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True)
         self.stats = dest.parent / "stage-stats.jsonl"
-        self.env = {**os.environ, "PIPELINE_STAGE_STATS": str(self.stats),
+        # The warm stage server's socket and log (coreml_pipeline/warmstart.py) live beside the clone.
+        self.env = {**os.environ, "PIPELINE_STAGE_STATS": str(self.stats), "XDG_RUNTIME_DIR": str(dest.parent),
                     "PYTHONPATH": f"{ROOT / 'bench' / 'hooks'}:{dest}",
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
@@ -51,6 +53,10 @@ class Clone:
         stages = [json.loads(line) for line in self.stats.read_text().splitlines() if line.strip()]
         return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024), "stages": stages}
 
+    def warm_servers(self, action: str) -> None:
+        subprocess.run([sys.executable, "-m", "coreml_pipeline.warmstart", action], cwd=self.dir, env=self.env,
+                       check=True, capture_output=True)
+
     def compose(self, *overrides: str) -> None:
         subprocess.run([sys.executable, "-m", "coreml_pipeline.tools.params", *overrides], cwd=self.dir, env=self.env, check=True,
                        capture_output=True)
@@ -63,9 +69,10 @@ def measure(change: str = "palettize.group_size=8") -> dict:
         plain["metrics"] = json.loads((Path(tmp) / "plain" / "metrics.json").read_text())
         print(f"plain script: {plain['seconds']} s", flush=True)
         # Cold means no warm stage server either (coreml_pipeline/warmstart.py): the first stage starts it.
-        subprocess.run([sys.executable, "-m", "coreml_pipeline.warmstart", "--stop"], cwd=clone.dir, env=clone.env,
-                       check=True, capture_output=True)
+        clone.warm_servers("--stop")
         cold = clone.timed(["dvc", "repro"])
+        cold["server_preload_seconds"] = [float(m) for log in Path(tmp).glob("coreml-pipeline-warm-*/*.log")
+                                          for m in re.findall(r"preloaded in ([0-9.]+) s", log.read_text())]
         cold["metrics"] = json.loads((clone.dir / "metrics" / "evaluate.json").read_text())
         print(f"cold dvc repro: {cold['seconds']} s", flush=True)
         noops = [clone.timed(["dvc", "repro"]) for _ in range(3)]
@@ -75,6 +82,7 @@ def measure(change: str = "palettize.group_size=8") -> dict:
         clone.compose()
         back = clone.timed(["dvc", "repro"])
         status = subprocess.run(["dvc", "status"], cwd=clone.dir, env=clone.env, capture_output=True, text=True)
+        clone.warm_servers("--stop")
     stage_sum = round(sum(s["seconds"] for s in downstream["stages"]), 2)
     return {
         "plain_script": plain,
