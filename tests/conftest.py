@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,19 @@ from coreml_pipeline import numerics  # noqa: E402
 from coreml_pipeline.config.schema import RuntimeConfig  # noqa: E402
 
 numerics.apply(RuntimeConfig().numerics, RuntimeConfig().threads)
+
+# The warm stage servers that the suite's stages start (coreml_pipeline/warmstart.py) live in a directory of the
+# suite's own and stop when it ends, instead of idling for PIPELINE_WARM_IDLE after it (a short path: a Unix
+# socket's has at most 107 bytes).
+WARM_RUNTIME = tempfile.mkdtemp(prefix="warm-", dir="/tmp")
+os.environ["XDG_RUNTIME_DIR"] = WARM_RUNTIME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from coreml_pipeline import warmstart
+
+    warmstart.stop()
+    shutil.rmtree(WARM_RUNTIME, ignore_errors=True)
 
 # Every stage on few samples and short sequences: the same code paths, minutes not hours.
 REDUCED_OVERRIDES = [

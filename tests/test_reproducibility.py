@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -243,12 +244,30 @@ def test_a_stage_killed_mid_run_then_rerun_gives_identical_outputs(built, tmp_pa
         process.send_signal(signal.SIGKILL)
     output, _ = dvc.communicate(timeout=300)
     assert dvc.returncode != 0, output
+    # A warm stage (coreml_pipeline/warmstart.py) computes in a fork of the server, not below dvc: it must die
+    # with its command. Nothing but the server itself may still work in the clone.
+    from coreml_pipeline import warmstart
+
+    deadline = time.time() + 10
+    while _working_in(project, exclude=warmstart.servers()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _working_in(project, exclude=warmstart.servers())
     assert not (project / "artifacts/palettize/weights.safetensors").exists()
     status = json.loads(run(["dvc", "status", "--json"], project).stdout)
     assert "palettize" in status
     rerun = run(["dvc", "repro", "--force", "--no-run-cache", "--downstream", "palettize"], project, env=simulated)
     assert "Running stage 'palettize'" in rerun.stdout and "Running stage 'evaluate'" in rerun.stdout, rerun.stdout
     assert lock_outs(project) == reference
+
+
+def _working_in(directory: Path, exclude: list[int]) -> list[int]:
+    """Live processes (not zombies) whose working directory is ``directory``."""
+    found = []
+    for process in psutil.process_iter(["pid", "cwd", "status"]):
+        if process.info["cwd"] == str(directory) and process.info["pid"] not in exclude \
+                and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process.info["pid"])
+    return found
 
 
 @pytest.fixture
