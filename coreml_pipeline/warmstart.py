@@ -12,7 +12,7 @@ How it works:
   resolving the module (before the stage's own code is imported). It connects to the server for
   this interpreter and environment, starting it when the stage is one that imports torch, and
   falls back to running in its own process when the server cannot be reached.
-- The server imports only third-party libraries (:data:`PRELOAD`), never this project's code: each
+- The server imports only third-party libraries (:data:`PRELOAD_FIRST`, then :data:`PRELOAD_THEN`), never this project's code: each
   stage imports the project fresh from its own working tree, so an edited stage runs the edited code.
   Everything that import-time code can read is part of the server's key (interpreter, ``sys.path``,
   the installed packages' directories' modification times, this file, the environment), so a
@@ -47,15 +47,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# Third-party modules the stages import (measured from a cold `dvc repro` of the default): torch,
-# transformers' model and tokenizer machinery, datasets (pandas, pyarrow), coremltools and its
-# optimize.torch, numba (exact_dp k-means), scipy and safetensors.
-PRELOAD = (
-    "numpy", "scipy.stats", "torch", "safetensors.torch", "tokenizers", "transformers",
-    "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
-    "transformers.models.auto.tokenization_auto", "datasets", "coremltools", "coremltools.optimize.torch",
-    "numba", "tqdm.auto",
+# Third-party modules the stages import (measured from a cold `dvc repro` of the default). The first
+# ones every torch stage needs, and the server serves as soon as they are in; it imports the others
+# between requests (what the first stages do not need, while they run on the other core).
+PRELOAD_FIRST = (
+    "numpy", "torch", "safetensors.torch", "tokenizers", "transformers", "transformers.modeling_utils",
+    "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto", "tqdm.auto",
 )
+PRELOAD_THEN = ("datasets", "scipy.stats", "coremltools", "coremltools.optimize.torch", "numba")
 # Variables that differ per invocation but that no import reads: left out of the server's key.
 _VOLATILE_ENV = ("_", "PWD", "OLDPWD", "SHLVL", "PYTEST_CURRENT_TEST", "DVC_STAGE", "DVC_ROOT")
 _HEADER = struct.Struct("!I")
@@ -226,28 +225,30 @@ def serve(address: str, path: list[str]) -> None:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     started = time.perf_counter()
-    for name in PRELOAD:
-        try:
-            __import__(name)
-        except Exception as exc:  # a library missing here is imported (or refused) by the stage itself
-            print(f"warm stage server: not preloading {name}: {exc}", file=sys.stderr)
-    print(f"warm stage server {os.getpid()}: preloaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    # The preloaded objects go to the collector's permanent generation: a stage's garbage collections
-    # would otherwise walk (and so copy, page by page) the server's whole heap, about 0.5 s per stage.
-    gc.collect()
-    gc.freeze()
+    _preload(PRELOAD_FIRST)
+    print(f"warm stage server {os.getpid()}: serving after {time.perf_counter() - started:.1f} s of imports",
+          file=sys.stderr)
     sys.stderr.flush()
     if os.path.exists(address):
         os.unlink(address)  # a server killed earlier left its socket
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
     listener.listen(16)
-    listener.settimeout(float(os.environ.get("PIPELINE_WARM_IDLE", "120")))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
+    pending = list(PRELOAD_THEN)
     try:
         while True:
+            # Waiting requests first; between them, the rest of the imports; then idle until the timeout.
+            listener.settimeout(0 if pending else float(os.environ.get("PIPELINE_WARM_IDLE", "120")))
             try:
                 connection, _ = listener.accept()
+            except BlockingIOError:
+                _preload([pending.pop(0)])
+                if not pending:
+                    print(f"warm stage server {os.getpid()}: preloaded in {time.perf_counter() - started:.1f} s",
+                          file=sys.stderr)
+                    sys.stderr.flush()
+                continue
             except TimeoutError:
                 return
             if os.fork() == 0:
@@ -258,6 +259,18 @@ def serve(address: str, path: list[str]) -> None:
     finally:
         if os.path.exists(address):
             os.unlink(address)
+
+
+def _preload(names) -> None:
+    for name in names:
+        try:
+            __import__(name)
+        except Exception as exc:  # a library missing here is imported (or refused) by the stage itself
+            print(f"warm stage server: not preloading {name}: {exc}", file=sys.stderr)
+    # The preloaded objects go to the collector's permanent generation: a stage's garbage collections
+    # would otherwise walk (and so copy, page by page) the server's whole heap, about 0.3 s per stage.
+    gc.collect()
+    gc.freeze()
 
 
 def _session(connection: socket.socket) -> None:
