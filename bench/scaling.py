@@ -104,11 +104,17 @@ def step(name: str, layers: int, tmp: Path) -> dict:
     model = stack(layers)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     if name == "palettize_sensitive_exact_dp":
-        # Random positive sensitivities (the cost does not depend on their values), made before the clock starts.
+        # Random positive sensitivities (the cost does not depend on their values), made and written before the
+        # clock starts; read as the palettize stage reads the calibrate stage's file (layer by layer).
+        from coreml_pipeline.model import LazyTensors, save_tensors
+
         generator = torch.Generator().manual_seed(0)
         values = {f"{i}.weight": torch.rand(WIDTH, WIDTH, generator=generator) + 1e-3 for i in range(layers)}
+        save_tensors(values, tmp / f"sensitivity-{layers}.safetensors")
+        del values
         start, cpu_start = time.perf_counter(), cpu_seconds()
-        model = palettize.run(model, palettize_config("exact_dp", "sensitive_kmeans"), values)
+        model = palettize.run(model, palettize_config("exact_dp", "sensitive_kmeans"),
+                              LazyTensors(tmp / f"sensitivity-{layers}.safetensors"))
         seconds = time.perf_counter() - start
     elif name.startswith("palettize"):
         model = palettize.run(model, palettize_config(name.split("_", 1)[1]))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable
 
 # Nothing here may reach a hub at run time; a hub id works only from a filled cache
 # unless the user clears these.
@@ -21,6 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from coreml_pipeline.config.schema import PACKAGED_PREFIX, ModelConfig
@@ -112,6 +113,29 @@ def load_float_model(cfg: ModelConfig) -> torch.nn.Module:
 def compressed_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters plus the ``_COREML_`` metadata buffers, as contiguous tensors."""
     return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+
+
+class LazyTensors(Mapping):
+    """A safetensors file's tensors by name, each read when asked for and not kept: a stage that uses
+    them one layer at a time holds one layer's, not the whole file (the palettize stage's
+    sensitivities are as large as the model). The values are load_file's (both read through safe_open)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        with safe_open(self.path, framework="pt") as handle:
+            self._names = list(handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        with safe_open(self.path, framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-from safetensors.torch import load_file
-
 from coreml_pipeline import runtime
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import PalettizeConfig
-from coreml_pipeline.model import load_weights, save_weights
+from coreml_pipeline.model import LazyTensors, load_weights, save_weights
 from coreml_pipeline.techniques import registry
 from coreml_pipeline.techniques.palettize import run
 
@@ -38,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     method = registry.method("palettize", cfg)  # its own checks, before the weights load
 
     model = load_weights(params["model"], args.weights)
-    sensitivity = load_file(args.sensitivity) if method.needs_sensitivity else None
+    # Read layer by layer as the k-means reaches each (as large as the model: not held whole).
+    sensitivity = LazyTensors(args.sensitivity) if method.needs_sensitivity else None
     mixed = f" ({len(cfg.layer_bits)} layer_bits patterns)" if cfg.layer_bits else ""
     solver = f" solver={method.solver(cfg)}" if method.kmeans else ""  # kmeans_solver=auto resolved
     with runtime.timed(log, f"palettize method={cfg.method} n_bits={cfg.n_bits}{mixed} {cfg.granularity}{solver}"):

@@ -174,3 +174,44 @@ def test_auto_gives_exact_dps_weights():
     auto = palettize.palettize(tiny_model(), cfg).state_dict()
     exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp")).state_dict()
     assert sorted(auto) == sorted(exact) and all(torch.equal(auto[k], exact[k]) for k in auto)
+
+
+def test_sensitivities_read_layer_by_layer_give_the_same_weights(tmp_path):
+    """The palettize stage reads the calibrate stage's file layer by layer (model.LazyTensors) instead of
+    holding it whole: the same tensors as load_file, so the same palettized weights."""
+    from safetensors.torch import load_file
+
+    from coreml_pipeline.model import LazyTensors, save_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    sensitivity = {f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
+                   for name, m in tiny_model().named_children()}
+    save_tensors(sensitivity, tmp_path / "s.safetensors")
+    lazy = LazyTensors(tmp_path / "s.safetensors")
+    assert sorted(lazy) == sorted(load_file(tmp_path / "s.safetensors")) and len(lazy) == len(sensitivity)
+    assert all(torch.equal(lazy[k], v) for k, v in sensitivity.items())
+    with pytest.raises(KeyError):
+        lazy["missing.weight"]
+    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1)
+    whole = palettize.palettize(tiny_model(), cfg, sensitivity).state_dict()
+    layered = palettize.palettize(tiny_model(), cfg, lazy).state_dict()
+    assert sorted(whole) == sorted(layered) and all(torch.equal(whole[k], layered[k]) for k in whole)
+
+
+def test_tied_weights_are_both_clustered_from_the_weight_before_palettizing():
+    """exact_dp takes one layer's weight at a time; a weight two layers share (a language model's head and
+    its token embedding) is still clustered, for each, from its value before either was palettized."""
+    cfg = PalettizeConfig(method="kmeans", n_bits=2, group_size=8, num_kmeans_workers=1, kmeans_solver="exact_dp",
+                          layer_bits={"b": 3})
+
+    def two_layers(tie: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential()
+        model.add_module("a", torch.nn.Linear(32, 48))
+        model.add_module("b", torch.nn.Linear(32, 48))
+        model.b.weight = model.a.weight if tie else torch.nn.Parameter(model.a.weight.detach().clone())
+        return model
+
+    tied, separate = palettize.palettize(two_layers(True), cfg), palettize.palettize(two_layers(False), cfg)
+    # The shared tensor ends as the last layer's (3-bit) result, computed from the original weight.
+    assert torch.equal(tied.b.weight, separate.b.weight) and not torch.equal(separate.a.weight, separate.b.weight)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +85,12 @@ def channel_axis(module: torch.nn.Module, cfg: PalettizeConfig) -> int:
     return grouping_axis(isinstance(module, torch.nn.Embedding), tuple(module.weight.shape), cfg, cfg.group_size)
 
 
-def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None):
+def palettize(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: Mapping[str, torch.Tensor] | None = None):
     """``model`` palettized by the method palettize.method names (sensitivity: sensitive_kmeans's)."""
     return get("palettize", cfg.method).apply(model, cfg, sensitivity=sensitivity)
 
 
-def coremltools_kmeans(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None):
+def coremltools_kmeans(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: Mapping[str, torch.Tensor] | None):
     """coremltools' PostTrainingPalettizer (no sensitivity) or SKMPalettizer (sensitivity given)."""
     from coremltools.optimize.torch.palettization import (
         PostTrainingPalettizer,
@@ -106,7 +107,7 @@ def coremltools_kmeans(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity
     with tempfile.TemporaryDirectory() as tmp:
         # SKMPalettizer reads sensitivities only from a torch.save file.
         path = Path(tmp) / "sensitivity.pt"
-        torch.save(sensitivity, path)
+        torch.save(dict(sensitivity), path)  # a dict, also when given a LazyTensors
         return palettizer.compress(sensitivity_path=str(path), num_kmeans_workers=cfg.num_kmeans_workers, inplace=True)
 
 
@@ -116,17 +117,33 @@ def _grouped(weight: np.ndarray, axis: int, group: int) -> np.ndarray:
     return np.ascontiguousarray(moved).reshape(moved.shape[0] // group, -1)
 
 
-def _weight_groups(model: torch.nn.Module, cfg: PalettizeConfig):
-    """Per palettized layer: (name, module, axis, n_bits, group), ``group`` being the
-    weight as (groups, values) (_grouped); a layer whose channels do not divide by the
-    group size is left uncompressed, as coremltools does (check_all_palettized names it)."""
+def _palettized_layers_with_grouping(model: torch.nn.Module, cfg: PalettizeConfig) -> list[tuple]:
+    """Per palettized layer: (name, module, channel axis, n_bits, channels per group); a layer whose
+    channels do not divide by the group size is left uncompressed, as coremltools does
+    (check_all_palettized names it)."""
+    layers = []
     for name, module in palettized_layers(model, cfg):
         embedding = isinstance(module, torch.nn.Embedding)
         axis = channel_axis(module, cfg)
-        weight = module.weight.detach().numpy().astype(np.float32)
-        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[axis]
-        if weight.shape[axis] % group == 0:
-            yield name, module, axis, layer_n_bits(cfg, name, embedding), _grouped(weight, axis, group)
+        channels = module.weight.shape[axis]
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else channels
+        if channels % group == 0:
+            layers.append((name, module, axis, layer_n_bits(cfg, name, embedding), group))
+    return layers
+
+
+def _tied_originals(modules: list[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """A copy of every weight that more than one of ``modules`` holds, keyed by its data pointer."""
+    pointers = [module.weight.data_ptr() for module in modules]
+    return {module.weight.data_ptr(): module.weight.detach().clone() for module in modules
+            if pointers.count(module.weight.data_ptr()) > 1}
+
+
+def _weight_groups(model: torch.nn.Module, cfg: PalettizeConfig):
+    """Per palettized layer: (name, module, axis, n_bits, group), ``group`` being the
+    weight as (groups, values) (_grouped)."""
+    for name, module, axis, n_bits, group in _palettized_layers_with_grouping(model, cfg):
+        yield name, module, axis, n_bits, _grouped(module.weight.detach().numpy().astype(np.float32), axis, group)
 
 
 def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, tables: np.ndarray) -> None:
@@ -147,7 +164,7 @@ def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, ta
 
 
 def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
-                    sensitivity: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+                    sensitivity: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """k-means palettization with palettize.kmeans_solver=exact_dp.
 
     The same grouping, weighting and table layout as PostTrainingPalettizer /
@@ -160,12 +177,17 @@ def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
     from coreml_pipeline.coreml.private import register_metadata_version
     from coreml_pipeline.kmeans import cluster_groups
 
-    layers = list(_weight_groups(model, cfg))
-    for name, module, axis, n_bits, groups in runtime.progress(layers, "k-means (exact_dp)", unit="layer"):
+    # One layer's grouped copy at a time (taking every layer's up front held a second float32 copy of the
+    # model through the whole k-means: the stage's peak on the 200 M stack, scaling benchmark). Tied weights
+    # (a language model's head and its token embedding) are taken before either is palettized, as then.
+    layers = _palettized_layers_with_grouping(model, cfg)
+    tied = _tied_originals([module for _, module, _, _, _ in layers])
+    for name, module, axis, n_bits, group in runtime.progress(layers, "k-means (exact_dp)", unit="layer"):
+        weight = tied.get(module.weight.data_ptr(), module.weight.detach())
+        groups = _grouped(weight.numpy().astype(np.float32), axis, group)
         importance = None
         if sensitivity is not None:
-            importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis,
-                                  module.weight.shape[axis] // groups.shape[0])  # the same grouping
+            importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis, group)
         centroids, labels = cluster_groups(groups, 2 ** n_bits, importance, threads=cfg.num_kmeans_workers)
         lut = centroids.astype(np.float32)  # coremltools also casts its float64 centroids to the weight's dtype
         _store_palettized(module, axis, np.take_along_axis(lut, labels, axis=1), lut)
@@ -208,7 +230,7 @@ def _zero_and_kmeans(values: np.ndarray, n_bits: int, importance: np.ndarray | N
 
 
 def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict[str, torch.Tensor],
-                      sensitivity: dict[str, torch.Tensor] | None) -> int:
+                      sensitivity: Mapping[str, torch.Tensor] | None) -> int:
     """Sparse palettization that keeps every pruned zero.
 
     coremltools clusters zeros together with the small surviving weights: after
@@ -275,7 +297,7 @@ def zeros_kept(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple
     return kept, total
 
 
-def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict[str, torch.Tensor] | None = None,
+def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: Mapping[str, torch.Tensor] | None = None,
         log=None) -> torch.nn.Module:
     """The whole stage on a model in memory: palettize, check, keep pruned zeros,
     and round to what the package stores."""
