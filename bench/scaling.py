@@ -76,6 +76,16 @@ def palettize_config(solver: str, method: str = "kmeans"):
                            num_kmeans_workers=2, kmeans_solver=solver)
 
 
+def write_sensitivities(path: Path, layers: int) -> None:
+    """Random positive sensitivities for the stack (the k-means' cost does not depend on their values)."""
+    import torch
+
+    from coreml_pipeline.model import save_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    save_tensors({f"{i}.weight": torch.rand(WIDTH, WIDTH, generator=generator) + 1e-3 for i in range(layers)}, path)
+
+
 def step(name: str, layers: int, tmp: Path) -> dict:
     """One step on a fresh stack; returns its time and memory."""
     import resource
@@ -98,23 +108,25 @@ def step(name: str, layers: int, tmp: Path) -> dict:
 
     runtime.setup("scaling")
     weights_path = tmp / f"palettized-{layers}.safetensors"
+    sensitivity_path = tmp / f"sensitivity-{layers}.safetensors"
+    if name == "palettize_sensitive_exact_dp":
+        # Written by another process, as the calibrate stage writes them: making 805 MB of sensitivities here
+        # would put them (and the heap glibc keeps after they are freed) into this step's peak.
+        import multiprocessing
+
+        writer = multiprocessing.get_context("spawn").Process(target=write_sensitivities, args=(sensitivity_path, layers))
+        writer.start()
+        writer.join()
     sampler = PeakSampler()
     footprint = sampler.tree_rss()
     sampler.start()
     model = stack(layers)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     if name == "palettize_sensitive_exact_dp":
-        # Random positive sensitivities (the cost does not depend on their values), made and written before the
-        # clock starts; read as the palettize stage reads the calibrate stage's file (layer by layer).
-        from coreml_pipeline.model import LazyTensors, save_tensors
+        # Read as the palettize stage reads the calibrate stage's file: layer by layer.
+        from coreml_pipeline.model import LazyTensors
 
-        generator = torch.Generator().manual_seed(0)
-        values = {f"{i}.weight": torch.rand(WIDTH, WIDTH, generator=generator) + 1e-3 for i in range(layers)}
-        save_tensors(values, tmp / f"sensitivity-{layers}.safetensors")
-        del values
-        start, cpu_start = time.perf_counter(), cpu_seconds()
-        model = palettize.run(model, palettize_config("exact_dp", "sensitive_kmeans"),
-                              LazyTensors(tmp / f"sensitivity-{layers}.safetensors"))
+        model = palettize.run(model, palettize_config("exact_dp", "sensitive_kmeans"), LazyTensors(sensitivity_path))
         seconds = time.perf_counter() - start
     elif name.startswith("palettize"):
         model = palettize.run(model, palettize_config(name.split("_", 1)[1]))
