@@ -63,7 +63,12 @@ _MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path on Linux, less its terminating NU
 
 
 def enabled() -> bool:
-    return os.environ.get("PIPELINE_WARM", "1") != "0" and hasattr(socket, "send_fds") and hasattr(os, "fork")
+    setting = os.environ.get("PIPELINE_WARM", "")
+    if setting == "0" or not (hasattr(socket, "send_fds") and hasattr(os, "fork")):
+        return False
+    # macOS: a fork of a process that has loaded Core ML's Objective-C runtime (coremltools loads it there)
+    # may crash, the reason multiprocessing spawns on macOS; there it is PIPELINE_WARM=1 to opt in.
+    return sys.platform != "darwin" or setting == "1"
 
 
 def server_key() -> str:
@@ -279,11 +284,13 @@ def _session(connection: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         connection.setblocking(True)
-        # Only this user's processes may run code here (the socket's directory is 0700 too).
-        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              struct.calcsize("3i")))
-        if uid != os.getuid():
-            os._exit(1)
+        # Only this user's processes may run code here (the socket's directory is 0700 too, which is
+        # all there is where the peer's credentials cannot be asked: SO_PEERCRED is Linux's).
+        if hasattr(socket, "SO_PEERCRED"):
+            _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                  struct.calcsize("3i")))
+            if uid != os.getuid():
+                os._exit(1)
         data, fds, _, _ = socket.recv_fds(connection, _HEADER.size, 3)
         while len(data) < _HEADER.size:
             data += connection.recv(_HEADER.size - len(data))
@@ -295,35 +302,45 @@ def _session(connection: socket.socket) -> None:
                 os._exit(1)
             payload += chunk
         request = json.loads(payload)
+        # The stage's exit wakes _watch through this pipe (SIGCHLD; portable, unlike Linux's pidfd).
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        signal.set_wakeup_fd(wake_write)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         pid = os.fork()
         if pid == 0:
+            signal.set_wakeup_fd(-1)
+            for fd in (wake_read, wake_write):
+                os.close(fd)
             connection.close()
             _stage(request, fds)
         for fd in fds:
             os.close(fd)
         connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        code = _watch(connection, pid)
+        code = _watch(connection, pid, wake_read)
         connection.sendall(json.dumps({"exit": code}).encode() + b"\n")
     finally:
         os._exit(0)
 
 
-def _watch(connection: socket.socket, pid: int) -> int:
-    import select
+def _watch(connection: socket.socket, pid: int, wake: int) -> int:
+    """The stage's exit status; if the client goes away first, the stage is killed and the session ends."""
+    import selectors
 
-    stage = os.pidfd_open(pid)
-    poller = select.poll()
-    poller.register(connection, select.POLLIN | select.POLLHUP)
-    poller.register(stage, select.POLLIN)
+    selector = selectors.DefaultSelector()
+    selector.register(connection, selectors.EVENT_READ, "client")
+    selector.register(wake, selectors.EVENT_READ, "stage")
     while True:
-        events = dict(poller.poll())
-        if stage in events:
-            _, status = os.waitpid(pid, 0)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
             return os.waitstatus_to_exitcode(status)
-        if connection.fileno() in events and not connection.recv(4096):
-            os.kill(pid, signal.SIGKILL)  # the client is gone: DVC has given up on this stage
-            os.waitpid(pid, 0)
-            os._exit(0)
+        for key, _ in selector.select():
+            if key.data == "stage":
+                os.read(wake, 512)
+            elif not connection.recv(4096):
+                os.kill(pid, signal.SIGKILL)  # the client is gone: DVC has given up on this stage
+                os.waitpid(pid, 0)
+                os._exit(0)
 
 
 def _stage(request: dict, fds: list[int]) -> None:

@@ -177,3 +177,17 @@ def test_the_servers_can_be_listed_and_stopped(project):
         time.sleep(0.1)
     assert not _alive(running[0]) and _servers(env) == []
     shutil.rmtree(runtime)
+
+
+def test_warm_stages_are_opt_in_on_macos(monkeypatch):
+    """A fork of a process that loaded Core ML's Objective-C runtime may crash on macOS."""
+    from coreml_pipeline import warmstart
+
+    monkeypatch.delenv("PIPELINE_WARM", raising=False)
+    assert warmstart.enabled()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not warmstart.enabled()
+    monkeypatch.setenv("PIPELINE_WARM", "1")
+    assert warmstart.enabled()
+    monkeypatch.setenv("PIPELINE_WARM", "0")
+    assert not warmstart.enabled()
