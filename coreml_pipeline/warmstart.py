@@ -89,6 +89,11 @@ def _runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = Path(base) / f"coreml-pipeline-warm-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
+    # Another user could have made it first (in a shared /tmp) and put a server of theirs in it, which
+    # would receive this stage's environment and terminal: only a directory of ours, closed to others.
+    status = path.stat(follow_symlinks=False)
+    if status.st_uid != os.getuid() or status.st_mode & 0o077 or not path.is_dir() or path.is_symlink():
+        raise OSError(f"{path} is not this user's own directory closed to others (mode 0700)")
     return path
 
 

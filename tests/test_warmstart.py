@@ -163,6 +163,16 @@ def test_a_socket_path_too_long_runs_the_stage_in_its_own_process(project, tmp_p
     assert "preloaded False" in fallback.stdout and "socket path longer than 107 bytes" in fallback.stderr
 
 
+def test_a_runtime_directory_others_can_open_is_not_used(project, tmp_path):
+    """In a shared temporary directory another user could have made it first, with a server of theirs."""
+    shared = tmp_path / f"coreml-pipeline-warm-{os.getuid()}"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    fallback = probe(project, XDG_RUNTIME_DIR=str(tmp_path))
+    assert fallback.returncode == 0, fallback.stderr
+    assert "preloaded False" in fallback.stdout and "closed to others" in fallback.stderr
+
+
 def test_the_servers_can_be_listed_and_stopped(project):
     runtime = Path(tempfile.mkdtemp(prefix="warm-", dir="/tmp"))
     env = env_for(project, XDG_RUNTIME_DIR=str(runtime))
