@@ -165,6 +165,7 @@ def measure(recipes: list[tuple[str, list[str], str]], work: Path) -> list[dict]
             stage("calibrate", files["coremltools"], "--weights", weights, "--out", upstream[calibrate_key])
         # Data-free k-means never reads the sensitivity: the path only satisfies the stage's command line.
         sensitivity = upstream[calibrate_key] if sensitive else folder / "unused.safetensors"
+        sensitivity.touch()  # the stage's argument must exist; a data-free palettize never reads it
         model = load_weights(params["model"], weights)
         original = {f"{n}.weight": m.weight.detach().clone() for n, m in compressible_weights(model)}
         weighting = load_file(str(sensitivity)) if sensitive else None

@@ -162,9 +162,9 @@ def test_auto_runs_exact_dp_wherever_it_applies():
     kmeans = registry.get("palettize", "kmeans")
     assert kmeans.solver(PalettizeConfig(method="kmeans")) == "exact_dp"
     per_tensor = {"granularity": "per_tensor", "group_size": None}
-    for options in ({"lut_dtype": "int8"}, {"cluster_dim": 2, **per_tensor}, {"enable_per_channel_scale": True,
-                                                                                **per_tensor}):
+    for options in ({"lut_dtype": "int8"}, {"cluster_dim": 2, **per_tensor}):
         assert kmeans.solver(PalettizeConfig(method="kmeans", **options)) == "coremltools", options
+    assert kmeans.solver(PalettizeConfig(method="kmeans", enable_per_channel_scale=True, **per_tensor)) == "exact_dp"
     assert registry.get("palettize", "uniform").solver(PalettizeConfig(method="uniform")) == "coremltools"
     assert kmeans.solver(PalettizeConfig(method="kmeans", kmeans_solver="coremltools")) == "coremltools"
 
@@ -215,3 +215,39 @@ def test_tied_weights_are_both_clustered_from_the_weight_before_palettizing():
     tied, separate = palettize.palettize(two_layers(True), cfg), palettize.palettize(two_layers(False), cfg)
     # The shared tensor ends as the last layer's (3-bit) result, computed from the original weight.
     assert torch.equal(tied.b.weight, separate.b.weight) and not torch.equal(separate.a.weight, separate.b.weight)
+
+
+@pytest.mark.parametrize("method, granularity", [("kmeans", "per_tensor"), ("sensitive_kmeans", "per_tensor"),
+                                                 ("sensitive_kmeans", "per_grouped_channel")])
+def test_per_channel_scales_same_layout_as_coremltools_and_never_more_weight_error(method, granularity):
+    """enable_per_channel_scale: exact_dp scales channels as coremltools does and registers the same
+    metadata (the converter's constexpr ops read it), and its tables, weighted by each channel's
+    squared scale, never give more (sensitivity-weighted) error on the weights themselves."""
+    cfg = PalettizeConfig(method=method, n_bits=3, granularity=granularity,
+                          group_size=8 if granularity == "per_grouped_channel" else None,
+                          enable_per_channel_scale=True, num_kmeans_workers=1, kmeans_solver="coremltools")
+    generator = torch.Generator().manual_seed(1)
+    original = tiny_model()
+    with torch.no_grad():  # channels of very different magnitudes: where the weighting matters
+        for module in original.children():
+            module.weight.mul_(torch.logspace(-2, 0, module.weight.shape[0])[:, None])
+    sensitivity = ({f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
+                    for name, m in original.named_children()} if method == "sensitive_kmeans" else None)
+
+    def palettized(solver):
+        model = tiny_model()
+        model.load_state_dict(original.state_dict())
+        return palettize.palettize(model, dataclasses.replace(cfg, kmeans_solver=solver), sensitivity)
+
+    reference, exact = palettized("coremltools"), palettized("exact_dp")
+    for name in ("embed", "dense"):
+        reference_state = {k: v for k, v in reference.state_dict().items() if k.startswith(f"{name}.")}
+        exact_state = {k: v for k, v in exact.state_dict().items() if k.startswith(f"{name}.")}
+        assert sorted(exact_state) == sorted(reference_state), name
+        scale_key = f"{name}._COREML_/weight/palettization_scale"
+        torch.testing.assert_close(exact_state[scale_key], reference_state[scale_key], rtol=0, atol=0)
+        weight = getattr(original, name).weight.detach().double()
+        importance = sensitivity[f"{name}.weight"].double() if sensitivity else 1.0
+        errors = [float((((getattr(model, name).weight.detach().double() - weight) ** 2) * importance).sum())
+                  for model in (reference, exact)]
+        assert errors[1] <= errors[0] * (1 + 1e-9), (name, errors)

@@ -61,6 +61,8 @@ TECHNIQUES = {
                                         [LUT]),
     "uniform-3bit-g16": (None, pal(method="uniform", n_bits=3), None, [LUT]),
     "kmeans-per-channel-scale": (None, pal(granularity="per_tensor", enable_per_channel_scale=True), None, [SCALE, LUT]),
+    "exact-dp-sensitive-per-channel-scale-g16": (None, pal(method="sensitive_kmeans", enable_per_channel_scale=True,
+                                                           kmeans_solver="exact_dp"), None, [SCALE, LUT]),
     "kmeans-int8-lut": (None, pal(lut_dtype="int8"), None, [SCALE, LUT]),
     "kmeans-vector-cluster-dim-2": (None, pal(granularity="per_tensor", cluster_dim=2), None, [LUT]),
     "int8-per-channel": (None, OFF, quant(), [SCALE]),

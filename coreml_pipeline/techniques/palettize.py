@@ -146,21 +146,35 @@ def _weight_groups(model: torch.nn.Module, cfg: PalettizeConfig):
         yield name, module, axis, n_bits, _grouped(module.weight.detach().numpy().astype(np.float32), axis, group)
 
 
-def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, tables: np.ndarray) -> None:
-    """Write back a layer's palettized weight (laid out as _weight_groups gave it) and
-    register its look-up tables (groups, 2**n) as coremltools' palettizers do, in the
-    layout of the weight's axes: (groups, 1, 2**n, 1) or (1, groups, 2**n, 1) for a
-    matrix, (groups, 1, 1, 1, 2**n, 1) for a 2-D convolution."""
+def per_channel_scale(weight: torch.Tensor) -> torch.Tensor:
+    """coremltools' per-channel scale (its k-means module's _scale_by_per_channel_scale): each output
+    channel's largest magnitude, 1 for an all-zero channel; shape (channels, 1)."""
+    scale = torch.max(torch.abs(weight.flatten(1)), dim=1, keepdim=True).values
+    scale[scale == 0] = 1
+    return scale
+
+
+def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, tables: np.ndarray,
+                      scale: torch.Tensor | None = None) -> None:
+    """Write back a layer's palettized weight (laid out as _weight_groups gave it, times ``scale``
+    per output channel when given) and register its look-up tables (groups, 2**n) as coremltools'
+    palettizers do, in the layout of the weight's axes: (groups, 1, 2**n, 1) or (1, groups, 2**n, 1)
+    for a matrix, (groups, 1, 1, 1, 2**n, 1) for a 2-D convolution; and the scales, (channels, 1, ...)."""
     from coreml_pipeline.coreml.private import register_compression
 
     moved_shape = np.moveaxis(module.weight.detach().numpy(), axis, 0).shape
+    palettized = torch.from_numpy(np.ascontiguousarray(np.moveaxis(values.reshape(moved_shape), 0, axis)))
+    fields = {}
+    if scale is not None:  # as coremltools' _unscale_by_per_channel_scale
+        palettized = (palettized.flatten(1) * scale).reshape(palettized.shape)
+        fields["palettization_scale"] = scale.reshape(-1, *([1] * (module.weight.dim() - 1)))
     with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.moveaxis(values.reshape(moved_shape), 0, axis))))
+        module.weight.copy_(palettized)
     table = torch.from_numpy(np.ascontiguousarray(tables))
     layout = [1] * module.weight.ndim
     layout[axis] = table.shape[0]
     table = table.reshape(*layout, table.shape[1], 1)
-    register_compression(module, lut=table, compression_type=["palettization"])
+    register_compression(module, lut=table, compression_type=["palettization"], **fields)
 
 
 def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
@@ -184,13 +198,23 @@ def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
     tied = _tied_originals([module for _, module, _, _, _ in layers])
     for name, module, axis, n_bits, group in runtime.progress(layers, "k-means (exact_dp)", unit="layer"):
         weight = tied.get(module.weight.data_ptr(), module.weight.detach())
+        scale = per_channel_scale(weight) if cfg.enable_per_channel_scale else None
+        if scale is not None:  # the tables are shared by channels scaled to [-1, 1], as coremltools does
+            weight = (weight.flatten(1) / scale).reshape(weight.shape)
         groups = _grouped(weight.numpy().astype(np.float32), axis, group)
         importance = None
         if sensitivity is not None:
             importance = _grouped(sensitivity[f"{name}.weight"].numpy().astype(np.float32), axis, group)
+        if scale is not None:
+            # The package stores entry x channel scale, so a scaled value's error counts its scale squared:
+            # weighted so, the tables are optimal for the weights themselves (coremltools weighs the scaled
+            # values alike, which lets its tables favour the channels with the smallest weights).
+            squared = (scale.double() ** 2).numpy().reshape(-1, *([1] * (weight.dim() - 1)))
+            by_channel = _grouped(np.ascontiguousarray(np.broadcast_to(squared, weight.shape)), axis, group)
+            importance = by_channel if importance is None else importance * by_channel
         centroids, labels = cluster_groups(groups, 2 ** n_bits, importance, threads=cfg.num_kmeans_workers)
         lut = centroids.astype(np.float32)  # coremltools also casts its float64 centroids to the weight's dtype
-        _store_palettized(module, axis, np.take_along_axis(lut, labels, axis=1), lut)
+        _store_palettized(module, axis, np.take_along_axis(lut, labels, axis=1), lut, scale)
     register_metadata_version(model)
     return model
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from coreml_pipeline.config.schema import PalettizeConfig, fail
 from coreml_pipeline.techniques.registry import Method, pruning_source, register
 
-# What exact_dp computes: scalar look-up entries in float tables without per-channel scales
+# What exact_dp computes: scalar look-up entries in float tables, with or without per-channel scales
 # (key, the one value it takes). coremltools' palettizers do the rest.
-EXACT_DP_ONLY_WITH = (("cluster_dim", 1), ("lut_dtype", None), ("enable_per_channel_scale", False))
+EXACT_DP_ONLY_WITH = (("cluster_dim", 1), ("lut_dtype", None))
 
 
 def grouping_axis(embedding: bool, shape: tuple[int, ...], cfg: PalettizeConfig, group: int | None) -> int:
