@@ -57,15 +57,12 @@ def verdict(ok: bool) -> str:
 def pipeline_md(r: dict) -> list[str]:
     cold, plain, down, back = r["cold"], r["plain_script"], r["downstream"], r["switch_back"]
     preload = cold.get("server_preload_seconds")
-    serving = cold.get("server_serving_after_seconds")
-    waited = (f"{', '.join(f'{p:.1f}' for p in serving)} s before it serves the first stage, "
-              if serving else "while the first stage waits, ")
     lines = ["Default recipe on a fresh clone (empty DVC cache and run-cache, no warm stage server). Per stage: "
              "wall time of the stage's process and its peak resident memory (largest k-means worker beside it). "
              + ("Stages run warm (docs/pipeline.md, Warm stages): a stage's time runs from its fork off the server, "
                 "its memory includes the libraries it shares with the server, and the server's one-time imports "
-                f"({waited}{', '.join(f'{p:.1f}' for p in preload)} s in all, the rest between the first stages) "
-                "count in the cold total, not in any stage." if preload else "Interpreter start and imports included."), "",
+                f"({', '.join(f'{p:.1f}' for p in preload)} s, while the first stage waits) count in the cold "
+                "total, not in any stage." if preload else "Interpreter start and imports included."), "",
              "| stage (cold `dvc repro`) | wall s | peak RSS MB | worker peak MB |", "|---|---:|---:|---:|"]
     for s in cold["stages"]:
         lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_mb']:,} | {s['worker_peak_rss_mb']:,} |")

@@ -72,7 +72,6 @@ def measure(change: str = "palettize.group_size=8") -> dict:
         clone.warm_servers("--stop")
         cold = clone.timed(["dvc", "repro"])
         logs = "".join(log.read_text() for log in Path(tmp).glob("coreml-pipeline-warm-*/*.log"))
-        cold["server_serving_after_seconds"] = [float(m) for m in re.findall(r"serving after ([0-9.]+) s", logs)]
         cold["server_preload_seconds"] = [float(m) for m in re.findall(r"preloaded in ([0-9.]+) s", logs)]
         cold["metrics"] = json.loads((clone.dir / "metrics" / "evaluate.json").read_text())
         print(f"cold dvc repro: {cold['seconds']} s", flush=True)

@@ -12,7 +12,7 @@ How it works:
   resolving the module (before the stage's own code is imported). It connects to the server for
   this interpreter and environment, starting it when the stage is one that imports torch, and
   falls back to running in its own process when the server cannot be reached.
-- The server imports only third-party libraries (:data:`PRELOAD_FIRST`, then :data:`PRELOAD_THEN`), never this project's code: each
+- The server imports only third-party libraries (:data:`PRELOAD`), never this project's code: each
   stage imports the project fresh from its own working tree, so an edited stage runs the edited code.
   Everything that import-time code can read is part of the server's key (interpreter, ``sys.path``,
   the installed packages' directories' modification times, this file, the environment), so a
@@ -47,14 +47,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# Third-party modules the stages import (measured from a cold `dvc repro` of the default). The first
-# ones every torch stage needs, and the server serves as soon as they are in; it imports the others
-# between requests (what the first stages do not need, while they run on the other core).
-PRELOAD_FIRST = (
+# Third-party modules the stages import (measured from a cold `dvc repro` of the default): torch,
+# transformers' model and tokenizer machinery, datasets (pandas, pyarrow), coremltools and its
+# optimize.torch, numba (exact_dp k-means), scipy and safetensors.
+PRELOAD = (
     "numpy", "torch", "safetensors.torch", "tokenizers", "transformers", "transformers.modeling_utils",
     "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto", "tqdm.auto",
+    "datasets", "scipy.stats", "coremltools", "coremltools.optimize.torch", "numba",
 )
-PRELOAD_THEN = ("datasets", "scipy.stats", "coremltools", "coremltools.optimize.torch", "numba")
 # Variables that differ per invocation but that no import reads: left out of the server's key.
 _VOLATILE_ENV = ("_", "PWD", "OLDPWD", "SHLVL", "PYTEST_CURRENT_TEST", "DVC_STAGE", "DVC_ROOT")
 _HEADER = struct.Struct("!I")
@@ -173,7 +173,7 @@ def _start_and_connect(address: str) -> socket.socket | None:
     return None
 
 
-def _relay(connection: socket.socket) -> int | None:
+def _relay(connection: socket.socket) -> int:
     """Forward Ctrl-C/SIGTERM to the stage until the session reports its exit status."""
     stage_pid: list[int] = []
 
@@ -188,10 +188,7 @@ def _relay(connection: socket.socket) -> int | None:
     try:
         buffer = b""
         while True:
-            try:
-                chunk = connection.recv(4096)
-            except InterruptedError:
-                continue
+            chunk = connection.recv(4096)  # retried after a forwarded signal (PEP 475)
             if not chunk:
                 # The session died without a status: report it like a crashed process would.
                 print("warm stage server: the stage's session ended without an exit status", file=sys.stderr)
@@ -210,14 +207,18 @@ def _relay(connection: socket.socket) -> int | None:
 
 
 def _exit_like(code: int) -> None:
-    """Exit as the stage did: with its status, or killed by the same signal."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    """Exit with ``code`` (a process status: its low byte), or, negative, killed by that signal; both
+    the client (as its stage did) and the stage process (whose exit handlers ran already) end so."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: as interpreter shutdown, exit anyway
+            pass
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
         code = 128 - code
-    os._exit(code)
+    os._exit(code & 0xFF)
 
 
 # ---------------------------------------------------------------- server
@@ -235,30 +236,28 @@ def serve(address: str, path: list[str]) -> None:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     started = time.perf_counter()
-    _preload(PRELOAD_FIRST)
-    print(f"warm stage server {os.getpid()}: serving after {time.perf_counter() - started:.1f} s of imports",
-          file=sys.stderr)
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except Exception as exc:  # a library missing here is imported (or refused) by the stage itself
+            print(f"warm stage server: not preloading {name}: {exc}", file=sys.stderr)
+    # The preloaded objects go to the collector's permanent generation: a stage's garbage collections
+    # would otherwise walk (and so copy, page by page) the server's whole heap, about 0.3 s per stage.
+    gc.collect()
+    gc.freeze()
+    print(f"warm stage server {os.getpid()}: preloaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     sys.stderr.flush()
     if os.path.exists(address):
         os.unlink(address)  # a server killed earlier left its socket
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
     listener.listen(16)
+    listener.settimeout(float(os.environ.get("PIPELINE_WARM_IDLE", "120")))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
-    pending = list(PRELOAD_THEN)
     try:
         while True:
-            # Waiting requests first; between them, the rest of the imports; then idle until the timeout.
-            listener.settimeout(0 if pending else float(os.environ.get("PIPELINE_WARM_IDLE", "120")))
             try:
                 connection, _ = listener.accept()
-            except BlockingIOError:
-                _preload([pending.pop(0)])
-                if not pending:
-                    print(f"warm stage server {os.getpid()}: preloaded in {time.perf_counter() - started:.1f} s",
-                          file=sys.stderr)
-                    sys.stderr.flush()
-                continue
             except TimeoutError:
                 return
             if os.fork() == 0:
@@ -269,18 +268,6 @@ def serve(address: str, path: list[str]) -> None:
     finally:
         if os.path.exists(address):
             os.unlink(address)
-
-
-def _preload(names) -> None:
-    for name in names:
-        try:
-            __import__(name)
-        except Exception as exc:  # a library missing here is imported (or refused) by the stage itself
-            print(f"warm stage server: not preloading {name}: {exc}", file=sys.stderr)
-    # The preloaded objects go to the collector's permanent generation: a stage's garbage collections
-    # would otherwise walk (and so copy, page by page) the server's whole heap, about 0.3 s per stage.
-    gc.collect()
-    gc.freeze()
 
 
 def _session(connection: socket.socket) -> None:
@@ -393,14 +380,9 @@ def _stage(request: dict, fds: list[int]) -> None:
         traceback.print_exc()
         code = 1
     try:
-        atexit._run_exitfuncs()  # what interpreter shutdown runs (os._exit below skips it)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        atexit._run_exitfuncs()  # what interpreter shutdown runs (_exit_like's os._exit skips it)
     finally:
-        if code < 0:
-            signal.signal(-code, signal.SIG_DFL)
-            os.kill(os.getpid(), -code)
-        os._exit(code & 0xFF)
+        _exit_like(code)
 
 
 def _die_with_parent() -> None:

@@ -15,6 +15,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import pytest
@@ -53,13 +54,10 @@ def project(tmp_path_factory):
     (root / "stages" / "helper.py").write_text("VALUE = 1\n")
     runtime = Path(tempfile.mkdtemp(prefix="warm-", dir="/tmp"))  # a Unix socket's path has at most 107 bytes
     yield root, runtime
-    for lock in runtime.rglob("*.lock"):
-        text = lock.read_text().strip()
-        if text.isdigit():
-            try:
-                os.kill(int(text), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    from coreml_pipeline import warmstart
+
+    with mock.patch.dict(os.environ, {"XDG_RUNTIME_DIR": str(runtime)}):
+        warmstart.stop()
     shutil.rmtree(runtime, ignore_errors=True)
 
 
