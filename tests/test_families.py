@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make_project_copy, run
 from tiny_families import REDUCED, ROOT, compose, family_overrides, tiny_sd_pipeline
 
@@ -263,14 +264,77 @@ def test_custom_family_through_dvc_repro(tmp_path):
     assert "module:examples.tiny_models.ConvEncoder" in audit.stdout + audit.stderr
 
 
-def test_mixed_bit_generator_refuses_other_families(tmp_path, monkeypatch):
-    """coreml_pipeline.tools.mixed_bit scores candidate recipes on STS-B: other families get one line, not a crash."""
+def test_mixed_bit_generator_refusals_name_the_flag(tmp_path, monkeypatch):
+    """Goals a family cannot measure get one line naming the flag, before any model loads."""
+    from coreml_pipeline.config import compose as config
     from coreml_pipeline.config.schema import ConfigError
     from coreml_pipeline.tools import mixed_bit
 
     params = tmp_path / "params.yaml"
-    compose(["model=custom", f"data.dir={ROOT / 'data/stsb'}"], params)
+    compose(family_overrides("efficientnet_lite0", tmp_path), params)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"model\.family='custom' is not allowed for coreml_pipeline\.tools\.mixed_bit"):
-        mixed_bit.main(["--params", str(params), "--name", "x", "--min-cosine", "0.97"])
-    assert not (tmp_path / "conf").exists()
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path / "conf")
+    for goal, message in ((["--min-cosine", "0.97"], r"--min-cosine is not allowed with model\.family='image_classifier'"
+                           r" .*allowed: --meet-target, --min-quality or --size-mb"),
+                          (["--min-quality", "95"], r"--min-quality=95\.0; allowed for model\.family='image_classifier':"
+                           r" its top1_agreement in \[0\.0, 1\.0\]")):
+        with pytest.raises(ConfigError, match=message) as error:
+            mixed_bit.main(["--params", str(params), "--name", "x", *goal])
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "conf").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_mixed_bit_recipe_for_real_efficientnet_is_what_evaluate_measures(tmp_path, monkeypatch):
+    """The generator on EfficientNet-Lite0's real weights and photographs (64 px): with the palettize stage's
+    own tables as candidates, its measurement of the recipe it writes is what the pipeline's stages then
+    measure on the same dev photographs; the package holds each layer at its width."""
+    from coreml_pipeline.config import compose as config
+    from coreml_pipeline.tools import mixed_bit
+
+    params = tmp_path / "params.yaml"
+    # calibrate.num_samples above the 6 dev photographs: none held out, so the generator measures on all 6.
+    compose(family_overrides("efficientnet_lite0", tmp_path) + ["calibrate.num_samples=8", "palettize.group_size=16",
+                                                                 "palettize.num_kmeans_workers=1"], params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path / "conf")
+    assert run_stages(params, only=("prune", "finetune", "calibrate")) == ["prune", "finetune", "calibrate"]
+    mixed_bit.main(["--params", str(params), "--name", "mixed_test", "--min-quality", "0.5", "--bits", "4", "6",
+                    "--samples", "3"])
+    recipe = yaml.safe_load((tmp_path / "conf/palettize/mixed_test.yaml").read_text())
+    report = json.loads((tmp_path / "reports/mixed_bit/mixed_test.json").read_text())
+    assert report["candidates"] == "palettize stage (exact_dp)" and report["dev_overlaps_calibration"]
+    assert report["family"] == "image_classifier" and report["top1_agreement"] >= 0.5
+    assert len(recipe["layer_bits"]) == 50 and set(recipe["layer_bits"].values()) <= {4, 6}
+    # The recipe through the stages, evaluated on the dev split the generator measured on.
+    composed = yaml.safe_load(params.read_text())
+    composed["palettize"] = recipe
+    composed["data"].update(eval_file=composed["data"]["calibration_file"], eval_max_pairs=None)
+    params.write_text(yaml.safe_dump(composed, sort_keys=False))
+    run_stages(params, only=("palettize", "quantize", "convert", "baseline", "evaluate"))
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert metrics["num_images"] == 6
+    for key in ("top1_agreement", "top5_agreement", "kl_divergence"):
+        assert metrics[key] == pytest.approx(report[key], abs=2e-6), key
+    layers = {row["layer"]: row["bits"] for row in csv.DictReader((tmp_path / "metrics/layers.csv").open())}
+    assert {name: int(layers[name]) for name in recipe["layer_bits"]} == recipe["layer_bits"]
+
+
+def test_mixed_bit_generator_on_a_causal_lm(tmp_path, monkeypatch):
+    """The generator scores a causal LM by the KL of its next-token distributions per layer and whole recipes by
+    evaluate's own figures (next-token agreement, perplexity, greedy generation) on held-out dev windows."""
+    from coreml_pipeline.config import compose as config
+    from coreml_pipeline.tools import mixed_bit
+
+    params = tmp_path / "params.yaml"
+    compose(family_overrides("causal_lm", tmp_path) + REDUCED, params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path / "conf")
+    run_stages(params, only=("prune", "finetune", "calibrate"))
+    mixed_bit.main(["--params", str(params), "--name", "mixed_lm", "--min-quality", "0.5", "--bits", "2", "8"])
+    report = json.loads((tmp_path / "reports/mixed_bit/mixed_lm.json").read_text())
+    assert not report["dev_overlaps_calibration"] and report["next_token_agreement"] >= 0.5
+    assert {"perplexity", "generation_agreement", "quality"} <= set(report) and report["meets_target"] in (True, False)
+    assert all(cost >= 0 for cost in report["cost"].values())
+    recipe = yaml.safe_load((tmp_path / "conf/palettize/mixed_lm.yaml").read_text())
+    assert set(recipe["layer_bits"].values()) <= {2, 8} and "lm_head" in recipe["layer_bits"]
+    assert "held-out dev samples: 8 for the per-layer costs" in (tmp_path / "conf/palettize/mixed_lm.yaml").read_text()

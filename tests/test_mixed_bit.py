@@ -178,3 +178,44 @@ def test_mixed_bits_refuse_dkm_and_the_core_ml_side():
     coreml = CoremlConfig(enabled=True, prune=Prune(), palettize=mixed, quantize=QuantizeConfig())
     with pytest.raises(ConfigError, match="coreml.enabled=True.*layer_bits"):
         check_combination({"palettize": mixed, "coreml": coreml})
+
+
+def test_candidates_are_what_the_palettize_stage_writes(tiny_bert):
+    """With exact_dp (what kmeans_solver=auto runs here) the generator's candidates are the palettize
+    stage's own output: a mixed recipe assembled from them is, layer for layer, what the stage writes."""
+    import copy
+    import logging
+    import re
+    from dataclasses import replace
+
+    model = tiny_bert()
+    values = sensitivity(model, pair_batches(2), cosine_loss)
+    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=4, granularity="per_grouped_channel", group_size=16,
+                          num_kmeans_workers=1)
+    before = {name: module.weight.detach().clone() for name, module in compressible_weights(model)}
+    candidates = mixed_bit.stage_candidates(model, cfg, values, (2, 4), logging.getLogger("test"))
+    names = list(before)
+    assert set(candidates) == {(name, b) for name in names for b in (2, 4)}
+    assert all(torch.equal(module.weight, before[name]) for name, module in compressible_weights(model))
+    widths = {name: 2 if i % 2 else 4 for i, name in enumerate(names)}
+    mixed = run(copy.deepcopy(model), replace(cfg, layer_bits={re.escape(n): b for n, b in widths.items()}), values)
+    for name in names:
+        assert torch.equal(mixed.get_submodule(name).weight, candidates[name, widths[name]]), name
+        assert not torch.equal(candidates[name, 2], candidates[name, 4]), name
+
+
+def test_divergence_is_continuous_and_zero_at_equality():
+    """The generator's per-layer cost for families other than the sentence embedder (Family.divergence):
+    KL(float || compressed) of logits over the last axis, else the relative squared error."""
+    from coreml_pipeline.families.causal_lm import CausalLM
+    from coreml_pipeline.families.custom import Custom
+
+    logits = torch.randn(1, 5, 11, generator=torch.Generator().manual_seed(0))
+    lm = CausalLM.__new__(CausalLM)
+    assert lm.divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    near, far = lm.divergence(logits + 0.01 * logits.roll(1, -1), logits), lm.divergence(logits.roll(1, -1), logits)
+    assert 0 < near < far
+    p, q = torch.softmax(logits.double(), -1), torch.softmax((logits + 0.01 * logits.roll(1, -1)).double(), -1)
+    assert near == pytest.approx(float((p * (p.log() - q.log())).sum(-1).mean()), rel=1e-9)
+    output = torch.randn(2, 3)
+    assert Custom.__new__(Custom).divergence(1.1 * output, output) == pytest.approx(0.01, rel=1e-6)

@@ -90,6 +90,10 @@ class Family:
     output_name = "output"
     # The config key that names the network (in error messages).
     source_key = "source"
+    # The metric compare() reports as ``quality`` (the headline every family's metrics carry), and
+    # the values it can take (checked where a user states a target for it).
+    quality_name = "psnr_db"
+    quality_range = (0.0, math.inf)
     # A stack of repeated blocks, which coremltools' LayerwiseCompressor (SparseGPT, GPTQ) walks
     # (the family then defines layerwise_blocks and layerwise_samples); the others run its
     # algorithms layer by layer (coreml_pipeline/techniques/layerwise.py).
@@ -158,6 +162,18 @@ class Family:
                 float_report: dict, cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
         """(metrics incl. ``quality`` and ``meets_target``, per-sample plot rows with float/compressed)."""
         return psnr_compare(compressed, reference, cfg)
+
+    def divergence(self, output: torch.Tensor, reference: torch.Tensor) -> float:
+        """How far one raw output of a compressed network is from the float network's: continuous, 0
+        at equality (the mixed-bit generator's per-layer cost, where agreement on a few samples would
+        not tell layers apart). Logits: KL(float || compressed) of the distributions over the last
+        axis, averaged over the other positions; other outputs: squared error relative to the float
+        output's energy (what PSNR measures, without its peak)."""
+        if self.output_name == "logits":
+            log_q, log_p = (torch.log_softmax(x.double(), -1) for x in (output, reference))
+            return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        reference = reference.double()
+        return float((output.double() - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
     # --- what the baseline, evaluate and coreml_compress stages ask of a family -----------
     # Defaults score a family by its own outputs on eval_samples (summary, compare); a family

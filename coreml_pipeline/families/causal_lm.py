@@ -110,6 +110,8 @@ class CausalLM(Family):
     config = CausalLMConfig
     data_formats = ("text",)
     output_name = "logits"
+    quality_name = "next_token_agreement"
+    quality_range = (0.0, 1.0)
     block_stack = True
 
     def load_float(self) -> torch.nn.Module:

@@ -86,6 +86,8 @@ class ImageClassifier(Family):
     config = ImageClassifierConfig
     data_formats = ("imagefolder",)
     output_name = "logits"
+    quality_name = "top1_agreement"
+    quality_range = (0.0, 1.0)
 
     def load_float(self) -> torch.nn.Module:
         source = self.cfg.source

@@ -58,6 +58,9 @@ class SentenceEmbedding(Family):
     data_formats = ("stsb", "pairs")
     prefix = "bert"
     output_name = "embedding"
+    # STS Spearman x 100 on the evaluation pairs.
+    quality_name = "sts_spearman"
+    quality_range = (-100.0, 100.0)
     block_stack = True
 
     def load_float(self) -> torch.nn.Module:

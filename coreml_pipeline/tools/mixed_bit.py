@@ -1,41 +1,50 @@
 """Mixed-bit palettization recipes: each layer gets the fewest bits the model can afford.
 
-    python -m coreml_pipeline.tools.mixed_bit --min-cosine 0.97 --max-spearman-drop 0.5 --name mixed_target
+    python -m coreml_pipeline.tools.mixed_bit --meet-target --name mixed_target palettize.group_size=16
+    python -m coreml_pipeline.tools.mixed_bit --min-cosine 0.97 --max-spearman-drop 0.5 --name mixed_cos
     python -m coreml_pipeline.tools.mixed_bit --size-mb 11.6 --name mixed_11mb palettize.group_size=16
     dvc exp run -S palettize=mixed_target
 
 In the spirit of Apple's mixed-bit palettization pre-analysis for Stable
 Diffusion (ml-stable-diffusion): measure what each layer costs at each bit
 width on its own, then walk from 8 bits everywhere towards 1 bit, each step
-lowering the layer whose next width down costs least per byte saved.
+lowering the layer whose next width down costs least per byte saved. Every
+model family is measured with its own evaluate figures.
 
 1. Candidates: every palettized layer at 1, 2, 4, 6 and 8 bits with the base
-   config's granularity and group size, by k-means weighted with the
-   calibrate stage's cached sensitivity (what sensitive k-means minimises).
-2. Cost: the drop in mean cosine between the float model's embeddings and the
-   model with only that layer palettized, on held-out dev sentences (pairs
-   after the calibration ones); Apple's recipes measure output PSNR the same
-   way. The cached sensitivity is normalised per tensor by coremltools, so it
-   ranks weights within a layer but cannot compare layers; this measurement can.
+   config's granularity and group size, weighted with the calibrate stage's
+   cached sensitivity (what sensitive k-means minimises). With exact_dp (what
+   kmeans_solver=auto runs for plain k-means) they are the palettize stage's
+   own output, so the recipe measured here is the one the stage writes; with
+   kmeans_solver=coremltools, an estimate (``grouped_kmeans``).
+2. Cost: how far the outputs move with only that layer palettized, on held-out
+   dev data (the calibration split's samples after the calibration ones). The
+   sentence embedder: the drop in mean cosine between the float model's
+   embeddings and the candidate's on dev pairs; other families: the family's
+   divergence of each output from the float one (``Family.divergence``: KL of
+   logits, or the relative squared error). Apple's recipes measure output PSNR
+   the same way. The cached sensitivity is normalised per tensor by
+   coremltools, so it ranks weights within a layer but cannot compare layers;
+   this measurement can.
 3. Pick: along a path from every layer at 8 bits to every layer at 1 bit
    (each step lowers the layer whose next width costs least per byte saved),
-   the smallest recipe that, measured whole on more held-out pairs
-   (``--check-pairs``), keeps the mean cosine at or above ``--min-cosine``
-   and, with ``--max-spearman-drop``, STS-B Spearman within that of float; or
-   the best recipe whose estimated package is at most ``--size-mb``. A refill
-   then spends what a big step down saved (see ``refill``).
+   the smallest recipe that, measured whole on more held-out dev data
+   (``--check-pairs``), meets the goal: ``--meet-target`` (the evaluate
+   section's target for the family), ``--min-quality`` (the family's headline
+   figure), ``--min-cosine`` with ``--max-spearman-drop`` (sentence embedder);
+   or the best recipe whose estimated package is at most ``--size-mb``. A
+   refill then spends what a big step down saved (see ``refill``).
 4. Write conf/palettize/<name>.yaml: the base section plus ``layer_bits``,
-   with a header recording the inputs, the estimate and the measured cosine.
-
-The candidates here are an estimate: the palettize stage then runs
-coremltools itself on the written recipe, and evaluate scores the package.
+   with a header recording the inputs, the estimate and the measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -48,13 +57,16 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from coreml_pipeline import numerics, runtime, validation
+from coreml_pipeline import families, numerics, runtime, validation
 from coreml_pipeline.config import compose as config
 from coreml_pipeline.config.schema import PALETTE_BITS, ConfigError, PalettizeConfig
+from coreml_pipeline.families.base import torch_device
 from coreml_pipeline.families.sentence_embedding import encode, sts_spearman
 from coreml_pipeline.families.stsb import Pairs, load_pairs
 from coreml_pipeline.model import load_tokenizer, load_weights
-from coreml_pipeline.techniques.palettize import layer_n_bits, palettized_layers
+from coreml_pipeline.techniques import registry
+from coreml_pipeline.techniques.palettize import grouping_axis, layer_n_bits, palettized_layers
+from coreml_pipeline.techniques.palettize import run as palettize_stage
 
 BITS = (1, 2, 4, 6, 8)
 WEIGHTS = Path("artifacts/finetune/weights.safetensors")  # what the palettize stage reads
@@ -211,16 +223,33 @@ def greedy_path(layers: list[Layer], cost: dict[tuple[str, int], float],
         path.append(dict(bits))
 
 
-class Analysis:
-    """The model, its candidates per layer and bits, and the measurements on held-out dev pairs."""
+def stage_candidates(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict | None,
+                     widths: tuple[int, ...], log) -> dict[tuple[str, int], torch.Tensor]:
+    """Every palettized layer's weight as the palettize stage writes it (techniques.palettize.run)
+    with every layer at each width: {(layer, n_bits): weight}."""
+    quiet = logging.getLogger("pipeline.mixed_bit.stage")  # the stage's per-width notes would drown the log
+    quiet.setLevel(logging.ERROR)
+    candidates = {}
+    for n_bits in widths:
+        uniform = replace(cfg, n_bits=n_bits, layer_bits={}, embeddings=replace(cfg.embeddings, n_bits=None))
+        started = time.perf_counter()
+        palettized = palettize_stage(copy.deepcopy(model), uniform, sensitivity, quiet)
+        for name, module in palettized_layers(palettized, uniform):
+            candidates[name, n_bits] = module.weight.detach().clone()
+        log.info("candidates: every layer at %d bits as the palettize stage writes them, %.1f s", n_bits,
+                 time.perf_counter() - started)
+        del palettized
+    return candidates
 
-    def __init__(self, params: dict, cfg: PalettizeConfig, weights: Path, sensitivity: Path, pairs: int,
-                 check_pairs: int, widths: tuple[int, ...], log):
-        self.widths = widths
+
+class PairScorer:
+    """The sentence embedder on held-out dev pairs: cost 1 - mean cosine to the float
+    embeddings; whole recipes by mean cosine and STS-B Spearman, as evaluate scores them."""
+
+    unit = "pairs"
+
+    def __init__(self, params: dict, model: torch.nn.Module, pairs: int, check_pairs: int):
         model_cfg = params["model"]
-        self.log = log
-        self.model = load_weights(model_cfg, weights)
-        importance = load_file(str(sensitivity)) if cfg.method == "sensitive_kmeans" else {}
         calibrate = params["calibrate"]
         # Pairs after the calibration ones in the same seeded order: never seen by the sensitivity.
         skip = calibrate.num_samples
@@ -230,18 +259,116 @@ class Analysis:
         if len(self.check_pairs) < 2:
             raise ConfigError(f"config error: {params['data'].calibration_file} has too few pairs after the "
                               f"{skip} calibration ones to measure with")
+        self.evaluate = params["evaluate"]
         self.sentences = self.check_pairs.sentence1[:pairs] + self.check_pairs.sentence2[:pairs]
         self.tokenizer = load_tokenizer(model_cfg)
         self.model_cfg = model_cfg
-        self.reference = self.embed(self.sentences)
-        self.check_reference = self.embed(self.check_pairs.sentences())
+        self.reference = self.embed(model, self.sentences)
+        self.check_reference = self.embed(model, self.check_pairs.sentences())
         self.float_spearman = sts_spearman(self.check_reference, self.check_pairs)
+        self.counts = (len(self.sentences) // 2, len(self.check_pairs))
+        self.overlap = False
+
+    def embed(self, model: torch.nn.Module, sentences: list[str]) -> torch.Tensor:
+        return encode(model, self.tokenizer, sentences, self.model_cfg)
+
+    def cost(self, model: torch.nn.Module) -> float:
+        """1 - mean cosine to the float embeddings of the cost sentences."""
+        cosine = torch.nn.functional.cosine_similarity(self.embed(model, self.sentences), self.reference, dim=-1)
+        return 1.0 - float(cosine.mean())
+
+    def check(self, model: torch.nn.Module) -> dict:
+        """What evaluate measures, on every held-out pair: mean cosine to float, STS-B Spearman and its drop."""
+        embeddings = self.embed(model, self.check_pairs.sentences())
+        cosine = float(torch.nn.functional.cosine_similarity(embeddings, self.check_reference, dim=-1).mean())
+        spearman = sts_spearman(embeddings, self.check_pairs)
+        drop = self.float_spearman - spearman
+        return {"cosine": cosine, "spearman_drop": drop, "quality": spearman,
+                "meets_target": bool(drop <= self.evaluate.max_spearman_drop
+                                     and cosine >= self.evaluate.min_mean_cosine)}
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        return f"mean cosine {result['cosine']:.4f}, STS-B Spearman {result['spearman_drop']:.2f} below float"
+
+
+class OutputScorer:
+    """Any other family on dev samples of its calibration split: cost the family's divergence of
+    each output from the float model's (Family.divergence: KL of the logits, else relative squared
+    error); whole recipes by the family's own evaluate metrics (Family.compare) and target."""
+
+    unit = "samples"
+
+    def __init__(self, params: dict, model: torch.nn.Module, samples: int, check_samples: int):
+        self.family = families.get(params["model"], params["data"])
+        self.evaluate = params["evaluate"]
+        self.device = torch_device(params["model"])
+        calibrate = params["calibrate"]
+        # Samples after the calibration ones in the same seeded order, never seen by the sensitivity; a
+        # split too small for that (6 photographs, 40 windows of prose) is measured whole, and says so.
+        skip, need = calibrate.num_samples, max(samples, check_samples)
+        loaded = self.family.calibration_samples(skip + need, calibrate.seed)
+        held_out = loaded[skip:]
+        self.overlap = len(held_out) < 2
+        dev = loaded[:need] if self.overlap else held_out
+        if len(dev) < 2:
+            raise ConfigError(f"config error: data.calibration_file={params['data'].calibration_file!r} gives "
+                              f"{len(dev)} sample(s); allowed: a dev split of 2 or more to measure with")
+        self.samples, self.check_samples = dev[:samples], dev[:check_samples]
+        self.counts = (len(self.samples), len(self.check_samples))
+        self.reference = self.outputs(model)
+        self.check_reference = self.family.run(model, self.check_samples, self.device)
+        self.float_report = self.family.reference_metrics(self.check_reference, self.check_samples)
+
+    @torch.no_grad()
+    def outputs(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        wrapped = self.family.wrap(model).eval().to(self.device)
+        outputs = [self.family.call(wrapped, sample, self.device).float().cpu() for sample in self.samples]
+        model.cpu()
+        return outputs
+
+    def cost(self, model: torch.nn.Module) -> float:
+        return float(np.mean([self.family.divergence(output, reference)
+                              for output, reference in zip(self.outputs(model), self.reference)]))
+
+    def check(self, model: torch.nn.Module) -> dict:
+        compressed = self.family.run(model, self.check_samples, self.device)
+        metrics, _ = self.family.compare(compressed, self.check_reference, self.check_samples, self.float_report,
+                                         self.evaluate)
+        return {key: value for key, value in metrics.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) or key == "meets_target"}
+
+    def describe(self, result: dict) -> str:
+        figures = ", ".join(f"{key} {value:.4g}" for key, value in result.items()
+                            if key not in ("quality", "meets_target") and not key.startswith("num_"))
+        return f"{figures}; meets evaluate's target: {'yes' if result['meets_target'] else 'no'}"
+
+
+class Analysis:
+    """The model, its candidates per layer and bits, and the scorer measuring them on held-out dev data."""
+
+    def __init__(self, params: dict, cfg: PalettizeConfig, weights: Path, sensitivity: Path, samples: int,
+                 check_samples: int, widths: tuple[int, ...], log):
+        self.widths = widths
+        self.log = log
+        self.model = load_weights(params["model"], weights)
+        importance = load_file(str(sensitivity)) if cfg.method == "sensitive_kmeans" else {}
+        scorer = PairScorer if params["model"].family == "sentence_embedding" else OutputScorer
+        self.scorer = scorer(params, self.model, samples, check_samples)
         self.float_weights, self.candidates, self.layers = {}, {}, []
+        # With exact_dp (kmeans_solver=auto resolves to it for plain k-means) the candidates are the palettize
+        # stage's own output at each width: each layer's optimal tables depend only on its weight, sensitivity
+        # and width, so the recipe measured here is the one the stage writes. coremltools' k-means at 6 and 8
+        # bits takes minutes per width on MiniLM: with it, the estimate below (its exact k-means up to 4 bits).
+        self.exact = registry.method("palettize", cfg).solver(cfg) == "exact_dp"
+        if self.exact:
+            self.candidates = stage_candidates(self.model, cfg, importance or None, widths, log)
+        group = cfg.group_size if cfg.granularity == "per_grouped_channel" else None
         for name, module in palettized_layers(self.model, cfg):
             embedding = isinstance(module, torch.nn.Embedding)
-            axis = cfg.embeddings.channel_axis if embedding else 0
             weight = module.weight.detach().numpy().copy()
-            group = cfg.group_size if cfg.granularity == "per_grouped_channel" else None
+            # The palettize stage's own rule (an output layer of 1000 classes is grouped along its inputs).
+            axis = grouping_axis(embedding, weight.shape, cfg, group)
             if group and weight.shape[axis] % group:
                 raise ConfigError(f"config error: palettize.group_size={group} does not divide {name}'s "
                                   f"{weight.shape[axis]} channels along axis {axis}")
@@ -249,15 +376,14 @@ class Analysis:
             self.float_weights[name] = module.weight.detach().clone()
             self.layers.append(Layer(name, weight.size, weight.shape[axis] // group if group else 1, embedding,
                                      weight.shape[axis]))
+            if self.exact:
+                continue
             started = time.perf_counter()
             for n_bits in widths:
                 self.candidates[name, n_bits] = torch.from_numpy(grouped_kmeans(
                     weight, None if scores is None else scores.numpy(), n_bits, axis, group))
             log.info("candidates %-45s %s bits in %.1f s", name, "/".join(map(str, widths)),
                      time.perf_counter() - started)
-
-    def embed(self, sentences: list[str]) -> torch.Tensor:
-        return encode(self.model, self.tokenizer, sentences, self.model_cfg)
 
     @contextmanager
     def palettized(self, bits: dict[str, int]):
@@ -272,25 +398,18 @@ class Analysis:
                 for name in bits:
                     modules[name].weight.copy_(self.float_weights[name])
 
-    def cosine(self, bits: dict[str, int]) -> float:
-        """Mean cosine to the float embeddings of the cost sentences."""
-        with self.palettized(bits):
-            return float(torch.nn.functional.cosine_similarity(self.embed(self.sentences), self.reference,
-                                                               dim=-1).mean())
-
-    def check(self, bits: dict[str, int]) -> dict[str, float]:
-        """What evaluate measures, on every held-out pair: mean cosine to float and STS-B Spearman drop."""
-        with self.palettized(bits):
-            embeddings = self.embed(self.check_pairs.sentences())
-        cosine = torch.nn.functional.cosine_similarity(embeddings, self.check_reference, dim=-1).mean()
-        return {"cosine": float(cosine),
-                "spearman_drop": self.float_spearman - sts_spearman(embeddings, self.check_pairs)}
+    def check(self, bits: dict[str, int]) -> dict:
+        """The recipe measured whole on the held-out check data, as evaluate scores the family."""
+        with self.palettized(bits) as model:
+            return self.scorer.check(model)
 
     def costs(self) -> dict[tuple[str, int], float]:
+        """What palettizing each layer alone at each width costs (the scorer's cost; 0 for float)."""
         cost = {}
         for layer in self.layers:
             for n_bits in self.widths:
-                cost[layer.name, n_bits] = 1.0 - self.cosine({layer.name: n_bits})
+                with self.palettized({layer.name: n_bits}) as model:
+                    cost[layer.name, n_bits] = self.scorer.cost(model)
             self.log.info("cost %-45s %s", layer.name,
                           " ".join(f"{b}b={cost[layer.name, b]:.2e}" for b in self.widths))
         return cost
@@ -418,14 +537,22 @@ def package_overhead(layers: list[Layer], params: dict, metrics_path: Path) -> f
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     goal = parser.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--min-cosine", type=float, help="smallest recipe whose mean cosine to float is at least this")
+    goal.add_argument("--meet-target", action="store_true",
+                      help="smallest recipe meeting the evaluate section's own target for the family, on dev data")
+    goal.add_argument("--min-quality", type=float,
+                      help="smallest recipe whose quality figure (the family's headline metric) is at least this")
+    goal.add_argument("--min-cosine", type=float,
+                      help="sentence embedder: smallest recipe whose mean cosine to float is at least this")
     goal.add_argument("--size-mb", type=float, help="best recipe whose estimated package is at most this many MB")
     parser.add_argument("--max-spearman-drop", type=float, default=None,
                         help="with --min-cosine: STS-B Spearman may also fall at most this far below float")
     parser.add_argument("--name", required=True, help="writes conf/palettize/<name>.yaml")
-    parser.add_argument("--pairs", type=int, default=64, help="held-out dev pairs for the per-layer costs")
-    parser.add_argument("--check-pairs", type=int, default=512,
-                        help="held-out dev pairs on which whole recipes are measured (cosine and Spearman)")
+    parser.add_argument("--pairs", "--samples", dest="pairs", type=int, default=None,
+                        help="held-out dev pairs (sentence embedder, default 64) or samples (other families, "
+                        "default 8) for the per-layer costs")
+    parser.add_argument("--check-pairs", "--check-samples", dest="check_pairs", type=int, default=None,
+                        help="held-out dev pairs (default 512) or samples (default 64) on which whole recipes "
+                        "are measured")
     parser.add_argument("--weights", default=str(WEIGHTS))
     parser.add_argument("--sensitivity", default=str(SENSITIVITY))
     parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), help="the widths to choose from")
@@ -444,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_spearman_drop is not None and args.min_cosine is None:
         raise ConfigError("config error: --max-spearman-drop; allowed only with --min-cosine")
     for key in ("pairs", "check_pairs"):
-        if getattr(args, key) < 2:
+        if getattr(args, key) is not None and getattr(args, key) < 2:
             raise ConfigError(f"config error: --{key.replace('_', '-')}={getattr(args, key)}; allowed: 2 or more")
     bad = [o for o in args.overrides if not o.startswith("palettize.")]
     if bad:
@@ -455,10 +582,19 @@ def main(argv: list[str] | None = None) -> None:
     current = validation.validate(raw)
     # The same CPU code paths as the stages whose cached outputs it reads (before any torch operation).
     numerics.apply(current["runtime"].numerics, current["runtime"].threads)
-    if current["model"].family != "sentence_embedding":
-        raise ConfigError(f"config error: model.family={current['model'].family!r} is not allowed for "
-                          "coreml_pipeline.tools.mixed_bit; allowed: sentence_embedding (it scores candidate recipes on STS-B); "
-                          "set palettize.layer_bits by hand for other families")
+    family = families.family_class(current["model"].family)
+    pairs = family.name == "sentence_embedding"
+    if not pairs and args.min_cosine is not None:
+        raise ConfigError(f"config error: --min-cosine is not allowed with model.family={family.name!r} (it "
+                          "scores sentence embeddings on STS-B pairs); allowed: --meet-target, --min-quality or "
+                          "--size-mb")
+    if args.min_quality is not None:
+        low, high = family.quality_range
+        if not low <= args.min_quality <= high:
+            raise ConfigError(f"config error: --min-quality={args.min_quality}; allowed for "
+                              f"model.family={family.name!r}: its {family.quality_name} in [{low}, {high}]")
+    args.pairs = args.pairs or (64 if pairs else 8)
+    args.check_pairs = args.check_pairs or (512 if pairs else 64)
     merged = OmegaConf.merge(OmegaConf.create({"palettize": raw.get("palettize", {})}),
                              OmegaConf.from_dotlist(args.overrides))
     composed = validation.validate({**raw, "palettize": OmegaConf.to_container(merged)["palettize"]})
@@ -476,10 +612,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     analysis = Analysis(composed, base, Path(args.weights), Path(args.sensitivity), args.pairs, args.check_pairs,
                         widths, log)
+    scorer = analysis.scorer
     # The per-layer costs take most of the time (one forward pass per layer and width);
     # a second goal over the same inputs and base reuses them.
     weights_md5, sensitivity_md5 = file_md5(Path(args.weights)), file_md5(Path(args.sensitivity))
-    key_parts = [weights_md5, sensitivity_md5, widths, args.pairs,
+    key_parts = [weights_md5, sensitivity_md5, widths, args.pairs, "stage" if analysis.exact else "estimate",
                  {name: repr(composed[name]) for name in ("model", "data", "calibrate")},
                  {k: v for k, v in asdict(base).items() if k not in ("n_bits", "layer_bits", "num_kmeans_workers", "kmeans_solver")}]
     cache = COST_CACHE / f"{hashlib.md5(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()}.json"
@@ -503,6 +640,10 @@ def main(argv: list[str] | None = None) -> None:
         return refill(start, analysis.layers, cost, widths, budget, overhead or 0.0)
 
     def meets(result: dict) -> bool:
+        if args.meet_target:
+            return result["meets_target"]
+        if args.min_quality is not None:
+            return result["quality"] >= args.min_quality
         return result["cosine"] >= args.min_cosine and (
             args.max_spearman_drop is None or result["spearman_drop"] <= args.max_spearman_drop)
 
@@ -512,29 +653,38 @@ def main(argv: list[str] | None = None) -> None:
     histogram = {b: sum(1 for v in bits.values() if v == b) for b in widths}
     if args.size_mb is not None:
         goal_text = f"--size-mb {args.size_mb}"
+    elif args.meet_target:
+        goal_text = "--meet-target"
+    elif args.min_quality is not None:
+        goal_text = f"--min-quality {args.min_quality}"
     else:
         goal_text = f"--min-cosine {args.min_cosine}" + (
             f" --max-spearman-drop {args.max_spearman_drop}" if args.max_spearman_drop is not None else "")
+    cost_count, check_count = scorer.counts
+    dev = f"held-out dev {scorer.unit}" if not scorer.overlap else (
+        f"dev {scorer.unit} (data.calibration_file, too small to hold any out: the calibration ones)")
     header = [
         f"Mixed-bit recipe written by `python -m coreml_pipeline.tools.mixed_bit {goal_text} --name {args.name}"
         + "".join(f" {o}" for o in args.overrides) + "`.",
-        f"Inputs: {args.weights} md5 {weights_md5}, {args.sensitivity} md5 {sensitivity_md5}; held-out dev "
-        f"pairs: {len(analysis.sentences) // 2} for the per-layer costs, {len(analysis.check_pairs)} for whole "
-        "recipes.",
+        f"Inputs: {args.weights} md5 {weights_md5}, {args.sensitivity} md5 {sensitivity_md5}; {dev}: "
+        f"{cost_count} for the per-layer costs, {check_count} for whole recipes.",
         f"Estimate: {mean_bits:.2f} bits per weight on average, palettized weights {weights_mb:.2f} MB"
         + (f", package about {size_of(bits) / 1e6:.2f} MB" if overhead is not None else "")
         + f"; layers per width {', '.join(f'{b}-bit: {n}' for b, n in histogram.items() if n)}.",
-        f"Measured by the generator (its own k-means, dev pairs): mean cosine {result['cosine']:.4f}, "
-        f"STS-B Spearman {result['spearman_drop']:.2f} below float.",
+        f"Measured by the generator ({'the palettize stage' if analysis.exact else 'its own'} k-means, dev "
+        f"{scorer.unit}): {scorer.describe(result)}.",
         f"Run it: dvc exp run -S palettize={args.name}",
     ]
     out = config.CONF_DIR / "palettize" / f"{args.name}.yaml"
     tables = {layer.name for layer in analysis.layers if layer.embedding}
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(recipe_text(base, bits, header, tables), encoding="utf-8")
     report = Path(args.report) / f"{args.name}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({
         "goal": goal_text, "overrides": args.overrides, "bits": widths, **result,
+        "family": family.name, "dev_overlaps_calibration": scorer.overlap,
+        "candidates": "palettize stage (exact_dp)" if analysis.exact else "estimate",
         "estimated_package_mb": size_of(bits) / 1e6 if overhead is not None else None,
         "mean_bits": mean_bits,
         "measured": [{"package_mb": size_of(dict(key)) / 1e6, **value} for key, value in measured.items()],
