@@ -36,6 +36,10 @@ EFFICIENTNET: list[tuple[str, list[str], str]] = [
     ("skm-4bit-g1", [], "sensitive k-means 4-bit, one table per channel (the pipeline's default recipe)"),
     ("skm-6bit-g16", G16 + ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
     ("skm-8bit-g16", G16 + ["palettize.n_bits=8"], "sensitive k-means 8-bit, group 16"),
+    # Written by coreml_pipeline.tools.mixed_bit --meet-target from the default recipe's cached sensitivity
+    # (conf/palettize/mixed_effnet_g16.yaml's header: the command and inputs).
+    ("mixed-g16-target", ["palettize=mixed_effnet_g16"],
+     "mixed 6/8-bit, group 16: the generator's smallest recipe meeting the target on dev"),
     ("int8-per-channel", NO_PALETTE + ["quantize=int8"],
      "linear int8, symmetric, per channel"),
     # Per block does not apply: the stem has 3 input channels and each depthwise conv 1 (validate refuses it).
