@@ -274,7 +274,11 @@ def test_mixed_bit_generator_refusals_name_the_flag(tmp_path, monkeypatch):
     compose(family_overrides("efficientnet_lite0", tmp_path), params)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(config, "CONF_DIR", tmp_path / "conf")
-    for goal, message in ((["--min-cosine", "0.97"], r"--min-cosine is not allowed with model\.family='image_classifier'"
+    for goal, message in ((["--technique", "quantize", "--meet-target"], r"palettize\.method='sensitive_kmeans'; allowed "
+                           r"with --technique quantize: none"),
+                          (["--technique", "quantize", "--bits", "4", "8", "--meet-target"],
+                           r"--bits is not allowed with --technique quantize; allowed: --dtypes"),
+                          (["--min-cosine", "0.97"], r"--min-cosine is not allowed with model\.family='image_classifier'"
                            r" .*allowed: --meet-target, --min-quality or --size-mb"),
                           (["--min-quality", "95"], r"--min-quality=95\.0; allowed for model\.family='image_classifier':"
                            r" its top1_agreement in \[0\.0, 1\.0\]")):
@@ -338,3 +342,14 @@ def test_mixed_bit_generator_on_a_causal_lm(tmp_path, monkeypatch):
     recipe = yaml.safe_load((tmp_path / "conf/palettize/mixed_lm.yaml").read_text())
     assert set(recipe["layer_bits"].values()) <= {2, 8} and "lm_head" in recipe["layer_bits"]
     assert "held-out dev samples: 8 for the per-layer costs" in (tmp_path / "conf/palettize/mixed_lm.yaml").read_text()
+    # --technique quantize: quantize.layer_dtypes from the quantize stage's own int4 and int8 outputs.
+    quantize_params = tmp_path / "quantize.yaml"
+    compose(family_overrides("causal_lm", tmp_path) + REDUCED + ["palettize=none", "quantize=int8"], quantize_params)
+    mixed_bit.main(["--params", str(quantize_params), "--technique", "quantize", "--name", "mixed_q", "--min-quality",
+                    "0.5", "quantize.granularity=per_block", "quantize.block_size=16"])
+    report = json.loads((tmp_path / "reports/mixed_bit/mixed_q.json").read_text())
+    assert report["technique"] == "quantize" and report["candidates"] == "quantize stage"
+    assert report["next_token_agreement"] >= 0.5 and report["bits"] == ["int4", "int8"]
+    recipe = yaml.safe_load((tmp_path / "conf/quantize/mixed_q.yaml").read_text())
+    assert recipe["method"] == "linear" and recipe["granularity"] == "per_block" and recipe["block_size"] == 16
+    assert set(recipe["layer_dtypes"].values()) <= {"int4", "int8"} and "model.embed_tokens" in recipe["layer_dtypes"]

@@ -219,3 +219,30 @@ def test_divergence_is_continuous_and_zero_at_equality():
     assert near == pytest.approx(float((p * (p.log() - q.log())).sum(-1).mean()), rel=1e-9)
     output = torch.randn(2, 3)
     assert Custom.__new__(Custom).divergence(1.1 * output, output) == pytest.approx(0.01, rel=1e-6)
+
+
+def test_quantize_candidates_are_what_the_quantize_stage_writes(tiny_bert):
+    """--technique quantize: each layer's candidate is the quantize stage's data-free output at that dtype, so a
+    layer_dtypes recipe assembled from them is, layer for layer, what the stage writes (embeddings included)."""
+    import copy
+    import logging
+    import re
+    from dataclasses import replace
+
+    from coreml_pipeline.config.schema import QuantizeConfig
+    from coreml_pipeline.techniques.quantize import run as quantize_run
+
+    model = tiny_bert()
+    cfg = QuantizeConfig(method="linear", dtype="int8", granularity="per_block", block_size=16)
+    candidates = mixed_bit.quantize_candidates(model, cfg, ("int4", "int8"), logging.getLogger("test"))
+    names = [name for name, _ in compressible_weights(model)]
+    assert set(candidates) == {(name, d) for name in names for d in ("int4", "int8")}
+    assert "embeddings.word_embeddings" in names
+    dtypes = {name: "int4" if i % 2 else "int8" for i, name in enumerate(names)}
+    mixed = quantize_run(copy.deepcopy(model), replace(cfg, layer_dtypes={re.escape(n): d for n, d in dtypes.items()}))
+    for name in names:
+        assert torch.equal(mixed.get_submodule(name).weight, candidates[name, dtypes[name]]), name
+    layer = mixed_bit.Layer("x", 64 * 384, mixed_bit.quantize_scales((64, 384), cfg), False, 64, False, (64, 384))
+    assert layer.groups == 64 * 384 // 16
+    assert mixed_bit.layer_bytes(layer, "int4") == 64 * 384 // 2 + 2 * layer.groups
+    assert mixed_bit.layer_bytes(replace(layer, zero_points=True), "uint8") == 64 * 384 + 3 * layer.groups

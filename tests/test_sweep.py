@@ -148,6 +148,9 @@ def test_report_labels_a_mixed_bit_recipe_by_its_widths():
              "palettize.layer_bits.embeddings.word_embeddings": 2, "palettize.layer_bits.encoder.layer.1.output.dense": 6}
     assert recipe_label(mixed, reference) == ("palettize.group_size=16 "
                                               "palettize.layer_bits=(3 layers: 2-bit 1, 6-bit 2)")
+    dtypes = {"quantize.layer_dtypes.lm_head": "int8", "quantize.layer_dtypes.model.layers.0.mlp.up_proj": "int4",
+              "quantize.layer_dtypes.model.embed_tokens": "int8"}
+    assert recipe_label(dtypes, {}) == "quantize.layer_dtypes=(3 layers: int4 1, int8 2)"
 
 
 def test_other_families_are_ranked_and_charted_by_their_own_quality(tmp_path, monkeypatch):

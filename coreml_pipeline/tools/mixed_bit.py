@@ -59,11 +59,24 @@ from safetensors.torch import load_file
 
 from coreml_pipeline import families, numerics, runtime, validation
 from coreml_pipeline.config import compose as config
-from coreml_pipeline.config.schema import PALETTE_BITS, ConfigError, PalettizeConfig
+from coreml_pipeline.config.schema import (
+    PALETTE_BITS,
+    QUANTIZE_DTYPES,
+    ConfigError,
+    PalettizeConfig,
+    QuantizeConfig,
+    dtype_bits,
+)
 from coreml_pipeline.families.base import torch_device
 from coreml_pipeline.families.sentence_embedding import encode, sts_spearman
 from coreml_pipeline.families.stsb import Pairs, load_pairs
-from coreml_pipeline.model import load_tokenizer, load_weights
+from coreml_pipeline.model import (
+    QUANTIZATION,
+    compressible_weights,
+    compression_types,
+    load_tokenizer,
+    load_weights,
+)
 from coreml_pipeline.techniques import registry
 from coreml_pipeline.techniques.palettize import grouping_axis, layer_n_bits, palettized_layers
 from coreml_pipeline.techniques.palettize import run as palettize_stage
@@ -78,9 +91,11 @@ COST_CACHE = Path(".cache/mixed_bit")  # git-ignored
 class Layer:
     name: str
     numel: int
-    groups: int
+    groups: int  # palettize: look-up tables; quantize: scales
     embedding: bool
     channels: int = 0  # along the grouping axis
+    zero_points: bool = False  # quantize: one per scale (affine)
+    shape: tuple = ()
 
 
 def _assign(points: np.ndarray, centroids: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -194,9 +209,26 @@ def _lookup(values: np.ndarray, centroids: np.ndarray, shift: np.ndarray, shape:
     return np.moveaxis(out, 0, axis).astype(np.float32)
 
 
-def layer_bytes(layer: Layer, n_bits: int) -> int:
-    """Packed indices plus one float16 look-up table per group."""
-    return math.ceil(layer.numel * n_bits / 8) + layer.groups * 2 ** n_bits * 2
+def layer_bytes(layer: Layer, width: int | str) -> int:
+    """Palettized at ``width`` bits: packed indices plus one float16 look-up table per group.
+    Quantized to dtype ``width``: packed values plus a float16 scale (and a zero point) per group."""
+    if isinstance(width, str):
+        bits = dtype_bits(width)
+        return math.ceil(layer.numel * bits / 8) + layer.groups * 2 + (
+            math.ceil(layer.groups * bits / 8) if layer.zero_points else 0)
+    return math.ceil(layer.numel * width / 8) + layer.groups * 2 ** width * 2
+
+
+def width_bits(width: int | str) -> int:
+    return dtype_bits(width) if isinstance(width, str) else width
+
+
+def quantize_scales(shape: tuple, cfg: QuantizeConfig) -> int:
+    """How many scales the quantize stage gives a weight of ``shape`` (rows for per_channel)."""
+    numel = math.prod(shape)
+    if cfg.granularity == "per_block":
+        return numel // cfg.block_size
+    return shape[0] if cfg.granularity == "per_channel" else 1
 
 
 def greedy_path(layers: list[Layer], cost: dict[tuple[str, int], float],
@@ -239,6 +271,27 @@ def stage_candidates(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: 
         log.info("candidates: every layer at %d bits as the palettize stage writes them, %.1f s", n_bits,
                  time.perf_counter() - started)
         del palettized
+    return candidates
+
+
+def quantize_candidates(model: torch.nn.Module, cfg: QuantizeConfig, dtypes: tuple[str, ...], log
+                        ) -> dict[tuple[str, str], torch.Tensor]:
+    """Every quantized layer's weight as the quantize stage writes it (techniques.quantize.run, data-free
+    linear: each layer on its own) with every layer at each dtype: {(layer, dtype): weight}."""
+    from coreml_pipeline.techniques.quantize import run as quantize_stage
+
+    quiet = logging.getLogger("pipeline.mixed_bit.stage")
+    quiet.setLevel(logging.ERROR)
+    candidates = {}
+    for dtype in dtypes:
+        started = time.perf_counter()
+        quantized = quantize_stage(copy.deepcopy(model), replace(cfg, dtype=dtype, layer_dtypes={}), log=quiet)
+        for name, module in compressible_weights(quantized):
+            if QUANTIZATION in compression_types(module):
+                candidates[name, dtype] = module.weight.detach().clone()
+        log.info("candidates: every layer at %s as the quantize stage writes them, %.1f s", dtype,
+                 time.perf_counter() - started)
+        del quantized
     return candidates
 
 
@@ -347,15 +400,27 @@ class OutputScorer:
 class Analysis:
     """The model, its candidates per layer and bits, and the scorer measuring them on held-out dev data."""
 
-    def __init__(self, params: dict, cfg: PalettizeConfig, weights: Path, sensitivity: Path, samples: int,
-                 check_samples: int, widths: tuple[int, ...], log):
+    def __init__(self, params: dict, cfg: PalettizeConfig | QuantizeConfig, weights: Path, sensitivity: Path,
+                 samples: int, check_samples: int, widths: tuple, log):
         self.widths = widths
         self.log = log
         self.model = load_weights(params["model"], weights)
-        importance = load_file(str(sensitivity)) if cfg.method == "sensitive_kmeans" else {}
         scorer = PairScorer if params["model"].family == "sentence_embedding" else OutputScorer
         self.scorer = scorer(params, self.model, samples, check_samples)
         self.float_weights, self.candidates, self.layers = {}, {}, []
+        if isinstance(cfg, QuantizeConfig):
+            # Data-free linear quantization treats each layer on its own: the stage's output at each dtype.
+            self.exact = True
+            self.candidates = quantize_candidates(self.model, cfg, widths, log)
+            for name, module in compressible_weights(self.model):
+                if (name, widths[0]) in self.candidates:
+                    shape = tuple(module.weight.shape)
+                    self.float_weights[name] = module.weight.detach().clone()
+                    self.layers.append(Layer(name, module.weight.numel(), quantize_scales(shape, cfg),
+                                             isinstance(module, torch.nn.Embedding), shape[0],
+                                             cfg.scheme == "affine", shape))
+            return
+        importance = load_file(str(sensitivity)) if cfg.method == "sensitive_kmeans" else {}
         # With exact_dp (kmeans_solver=auto resolves to it for plain k-means) the candidates are the palettize
         # stage's own output at each width: each layer's optimal tables depend only on its weight, sensitivity
         # and width, so the recipe measured here is the one the stage writes. coremltools' k-means at 6 and 8
@@ -375,7 +440,7 @@ class Analysis:
             scores = importance.get(f"{name}.weight")
             self.float_weights[name] = module.weight.detach().clone()
             self.layers.append(Layer(name, weight.size, weight.shape[axis] // group if group else 1, embedding,
-                                     weight.shape[axis]))
+                                     weight.shape[axis], shape=weight.shape))
             if self.exact:
                 continue
             started = time.perf_counter()
@@ -386,8 +451,8 @@ class Analysis:
                      time.perf_counter() - started)
 
     @contextmanager
-    def palettized(self, bits: dict[str, int]):
-        """The model with each named layer at its candidate for those bits, restored after."""
+    def compressed(self, bits: dict):
+        """The model with each named layer at its candidate for that width, restored after."""
         modules = dict(self.model.named_modules())
         with torch.no_grad():
             for name, n_bits in bits.items():
@@ -400,7 +465,7 @@ class Analysis:
 
     def check(self, bits: dict[str, int]) -> dict:
         """The recipe measured whole on the held-out check data, as evaluate scores the family."""
-        with self.palettized(bits) as model:
+        with self.compressed(bits) as model:
             return self.scorer.check(model)
 
     def costs(self) -> dict[tuple[str, int], float]:
@@ -408,7 +473,7 @@ class Analysis:
         cost = {}
         for layer in self.layers:
             for n_bits in self.widths:
-                with self.palettized({layer.name: n_bits}) as model:
+                with self.compressed({layer.name: n_bits}) as model:
                     cost[layer.name, n_bits] = self.scorer.cost(model)
             self.log.info("cost %-45s %s", layer.name,
                           " ".join(f"{b}b={cost[layer.name, b]:.2e}" for b in self.widths))
@@ -502,32 +567,43 @@ def file_md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def recipe_text(base: PalettizeConfig, bits: dict[str, int], header: list[str], tables: set[str]) -> str:
-    """The palettize section to write; ``tables``: the embedding layers' names."""
-    section = {"method": base.method, **asdict(base)}  # method first, as in the other conf/palettize files
+def recipe_text(base: PalettizeConfig | QuantizeConfig, bits: dict[str, int | str], header: list[str],
+                tables: set[str]) -> str:
+    """The palettize (or quantize) section to write; ``tables``: the embedding layers' names."""
+    section = {"method": base.method, **asdict(base)}  # method first, as in the other conf/ files
     linear = [b for name, b in bits.items() if name not in tables] or list(bits.values())
-    section["n_bits"] = max(set(linear), key=linear.count)  # the fallback; every layer is named below
-    section["layer_bits"] = dict(bits)
+    width_key, layers_key = ("dtype", "layer_dtypes") if isinstance(base, QuantizeConfig) else ("n_bits", "layer_bits")
+    section[width_key] = max(sorted(set(linear)), key=linear.count)  # the fallback; every layer is named below
+    section[layers_key] = dict(bits)
     body = yaml.safe_dump(section, sort_keys=False, width=120)
     return "".join(f"# {line}\n" for line in header) + body
 
 
-def package_overhead(layers: list[Layer], params: dict, metrics_path: Path) -> float | None:
-    """Bytes of the package that are not palettized weights (norms, biases, the program,
+def package_overhead(layers: list[Layer], params: dict, metrics_path: Path, technique: str = "palettize"
+                     ) -> float | None:
+    """Bytes of the package that are not compressed weights (norms, biases, the program,
     per-op metadata). From the last evaluate run: its package minus this estimate of its
-    own palettized weights, when its recipe is plain palettization; else the float16
-    package minus the float16 weights. None when there is no evaluate run."""
+    own compressed weights, when its recipe is plain palettization (plain linear quantization
+    for ``technique`` quantize); else the float16 package minus the float16 weights. None when
+    there is no evaluate run."""
     if not metrics_path.is_file():
         return None
     metrics = json.loads(metrics_path.read_text())
     palettize: PalettizeConfig = params["palettize"]
+    quantize: QuantizeConfig = params["quantize"]
+    untrained = params["prune"].method == "none" and params["finetune"].method == "none"
     plain = (palettize.method in ("kmeans", "sensitive_kmeans", "uniform") and palettize.cluster_dim == 1
-             and not palettize.lut_dtype and params["quantize"].method == "none"
-             and params["prune"].method == "none" and params["finetune"].method == "none")
-    if plain and "package_bytes" in metrics:
+             and not palettize.lut_dtype and quantize.method == "none" and untrained)
+    quantized = palettize.method == "none" and quantize.method == "linear" and untrained
+    if technique == "palettize" and plain and "package_bytes" in metrics:
         group = palettize.group_size if palettize.granularity == "per_grouped_channel" else None
         own = sum(layer_bytes(replace(layer, groups=layer.channels // group if group else 1),
                               layer_n_bits(palettize, layer.name, layer.embedding)) for layer in layers)
+        return metrics["package_bytes"] - own
+    if technique == "quantize" and quantized and "package_bytes" in metrics:
+        own = sum(layer_bytes(replace(layer, groups=quantize_scales(layer.shape, quantize),
+                                      zero_points=quantize.scheme == "affine"), quantize.layer_dtype(layer.name))
+                  for layer in layers)
         return metrics["package_bytes"] - own
     if "float16_package_bytes" in metrics:
         return metrics["float16_package_bytes"] - 2 * sum(layer.numel for layer in layers)
@@ -546,7 +622,10 @@ def main(argv: list[str] | None = None) -> None:
     goal.add_argument("--size-mb", type=float, help="best recipe whose estimated package is at most this many MB")
     parser.add_argument("--max-spearman-drop", type=float, default=None,
                         help="with --min-cosine: STS-B Spearman may also fall at most this far below float")
-    parser.add_argument("--name", required=True, help="writes conf/palettize/<name>.yaml")
+    parser.add_argument("--name", required=True, help="writes conf/<technique>/<name>.yaml")
+    parser.add_argument("--technique", choices=("palettize", "quantize"), default="palettize",
+                        help="per-layer bits of palettization (palettize.layer_bits) or dtypes of data-free linear "
+                        "quantization (quantize.layer_dtypes)")
     parser.add_argument("--pairs", "--samples", dest="pairs", type=int, default=None,
                         help="held-out dev pairs (sentence embedder, default 64) or samples (other families, "
                         "default 8) for the per-layer costs")
@@ -555,12 +634,15 @@ def main(argv: list[str] | None = None) -> None:
                         "are measured")
     parser.add_argument("--weights", default=str(WEIGHTS))
     parser.add_argument("--sensitivity", default=str(SENSITIVITY))
-    parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), help="the widths to choose from")
+    parser.add_argument("--bits", type=int, nargs="+", default=None,
+                        help=f"palettize: the widths to choose from (default {' '.join(map(str, BITS))})")
+    parser.add_argument("--dtypes", nargs="+", default=None,
+                        help="quantize: the dtypes to choose from (default int4 int8; uint4 uint8 with scheme affine)")
     parser.add_argument("--params", default=str(config.PARAMS))
     parser.add_argument("--metrics", default="metrics/evaluate.json", help="the last evaluate run, for sizes")
     parser.add_argument("--report", default="reports/mixed_bit", help="folder for <name>.json (costs and path)")
-    parser.add_argument("overrides", nargs="*", help="changes to params.yaml's palettize section as the base, "
-                        "e.g. palettize.group_size=16")
+    parser.add_argument("overrides", nargs="*", help="changes to params.yaml's section of the technique as the "
+                        "base, e.g. palettize.group_size=16 or quantize.granularity=per_channel")
     args = parser.parse_args(argv)
     log = runtime.setup("mixed_bit")
 
@@ -573,11 +655,16 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("pairs", "check_pairs"):
         if getattr(args, key) is not None and getattr(args, key) < 2:
             raise ConfigError(f"config error: --{key.replace('_', '-')}={getattr(args, key)}; allowed: 2 or more")
-    bad = [o for o in args.overrides if not o.startswith("palettize.")]
+    section = args.technique
+    bad = [o for o in args.overrides if not o.lstrip("~").startswith(f"{section}.")]
     if bad:
-        raise ConfigError(f"config error: override {bad[0]!r}; allowed: palettize.<key>=<value> only (the cached "
+        raise ConfigError(f"config error: override {bad[0]!r}; allowed: {section}.<key>=<value> only (the cached "
                           "weights and sensitivity belong to params.yaml's other sections)")
-    # The base is params.yaml's palettize section (the one the cached artifacts sit beside) plus the overrides.
+    if args.bits is not None and section != "palettize" or args.dtypes is not None and section != "quantize":
+        flag = "--bits" if args.bits is not None else "--dtypes"
+        raise ConfigError(f"config error: {flag} is not allowed with --technique {section}; allowed: "
+                          f"{'--dtypes' if section == 'quantize' else '--bits'}")
+    # The base is params.yaml's section (the one the cached artifacts sit beside) plus the overrides.
     raw = config.read_params(args.params)
     current = validation.validate(raw)
     # The same CPU code paths as the stages whose cached outputs it reads (before any torch operation).
@@ -595,17 +682,34 @@ def main(argv: list[str] | None = None) -> None:
                               f"model.family={family.name!r}: its {family.quality_name} in [{low}, {high}]")
     args.pairs = args.pairs or (64 if pairs else 8)
     args.check_pairs = args.check_pairs or (512 if pairs else 64)
-    merged = OmegaConf.merge(OmegaConf.create({"palettize": raw.get("palettize", {})}),
-                             OmegaConf.from_dotlist(args.overrides))
-    composed = validation.validate({**raw, "palettize": OmegaConf.to_container(merged)["palettize"]})
-    widths = tuple(sorted(set(args.bits)))
-    if len(widths) < 2 or any(b not in PALETTE_BITS for b in widths):
-        raise ConfigError(f"config error: --bits {args.bits}; allowed: two or more of {PALETTE_BITS}")
-    base: PalettizeConfig = composed["palettize"]
-    if base.method not in ("kmeans", "sensitive_kmeans") or base.cluster_dim > 1:
-        raise ConfigError(f"config error: palettize.method={base.method}, cluster_dim={base.cluster_dim}; "
-                          "allowed as a base: kmeans or sensitive_kmeans with cluster_dim 1")
-    for path in (Path(args.weights), Path(args.sensitivity)):
+    merged = OmegaConf.merge(OmegaConf.create({section: raw.get(section, {})}),
+                             OmegaConf.from_dotlist([o for o in args.overrides if not o.startswith("~")]))
+    merged_section = OmegaConf.to_container(merged)[section]
+    for removed in (o.lstrip("~").split("=")[0].split(".", 1)[1] for o in args.overrides if o.startswith("~")):
+        merged_section[removed] = None
+    composed = validation.validate({**raw, section: merged_section})
+    base = composed[section]
+    if section == "palettize":
+        widths = tuple(sorted(set(args.bits or BITS)))
+        if len(widths) < 2 or any(b not in PALETTE_BITS for b in widths):
+            raise ConfigError(f"config error: --bits {args.bits}; allowed: two or more of {PALETTE_BITS}")
+        if base.method not in ("kmeans", "sensitive_kmeans") or base.cluster_dim > 1:
+            raise ConfigError(f"config error: palettize.method={base.method}, cluster_dim={base.cluster_dim}; "
+                              "allowed as a base: kmeans or sensitive_kmeans with cluster_dim 1")
+        needed = (Path(args.weights), Path(args.sensitivity))
+    else:
+        default = ("uint4", "uint8") if base.scheme == "affine" else ("int4", "int8")
+        widths = tuple(sorted(set(args.dtypes or default), key=lambda d: (dtype_bits(d), d)))
+        if len(widths) < 2 or any(d not in QUANTIZE_DTYPES for d in widths):
+            raise ConfigError(f"config error: --dtypes {args.dtypes}; allowed: two or more of {QUANTIZE_DTYPES}")
+        if composed["palettize"].method != "none":
+            raise ConfigError(f"config error: palettize.method={composed['palettize'].method!r}; allowed with "
+                              "--technique quantize: none (the quantize stage is off when palettization is on)")
+        if base.method != "linear":
+            raise ConfigError(f"config error: quantize.method={base.method!r}; allowed as a base: linear (data-free, "
+                              "each layer on its own; GPTQ's layers depend on the quantized ones before them)")
+        needed = (Path(args.weights),)
+    for path in needed:
         if not path.is_file():
             raise ConfigError(f"config error: {path} does not exist; run `dvc repro calibrate` first")
 
@@ -615,20 +719,24 @@ def main(argv: list[str] | None = None) -> None:
     scorer = analysis.scorer
     # The per-layer costs take most of the time (one forward pass per layer and width);
     # a second goal over the same inputs and base reuses them.
-    weights_md5, sensitivity_md5 = file_md5(Path(args.weights)), file_md5(Path(args.sensitivity))
+    weights_md5 = file_md5(Path(args.weights))
+    sensitivity_md5 = file_md5(Path(args.sensitivity)) if section == "palettize" else None
+    widths_key = ("n_bits", "layer_bits", "num_kmeans_workers", "kmeans_solver", "dtype", "layer_dtypes")
     key_parts = [weights_md5, sensitivity_md5, widths, args.pairs, "stage" if analysis.exact else "estimate",
                  {name: repr(composed[name]) for name in ("model", "data", "calibrate")},
-                 {k: v for k, v in asdict(base).items() if k not in ("n_bits", "layer_bits", "num_kmeans_workers", "kmeans_solver")}]
+                 {k: v for k, v in asdict(base).items() if k not in widths_key}]
+    if section == "quantize":  # kept as it was for palettize, whose costs earlier runs cached
+        key_parts.append(section)
     cache = COST_CACHE / f"{hashlib.md5(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()}.json"
     if cache.is_file():
-        cost = {(name, int(b)): c for name, b, c in json.loads(cache.read_text())}
+        cost = {(name, b): c for name, b, c in json.loads(cache.read_text())}
         log.info("per-layer costs from %s", cache)
     else:
         cost = analysis.costs()
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps([[name, b, c] for (name, b), c in cost.items()]))
     path = greedy_path(analysis.layers, cost, widths)
-    overhead = package_overhead(analysis.layers, current, Path(args.metrics))
+    overhead = package_overhead(analysis.layers, current, Path(args.metrics), section)
     if args.size_mb is not None and overhead is None:
         raise ConfigError(f"config error: --size-mb needs {args.metrics} from a `dvc repro` to estimate package sizes")
     layers = {layer.name: layer for layer in analysis.layers}
@@ -649,8 +757,10 @@ def main(argv: list[str] | None = None) -> None:
 
     bits, result, measured = choose(path, analysis.check, size_of, meets, args.size_mb, upwards)
     weights_mb = sum(layer_bytes(layers[n], b) for n, b in bits.items()) / 1e6
-    mean_bits = sum(layers[n].numel * b for n, b in bits.items()) / sum(layer.numel for layer in analysis.layers)
+    mean_bits = sum(layers[n].numel * width_bits(b) for n, b in bits.items()) / sum(
+        layer.numel for layer in analysis.layers)
     histogram = {b: sum(1 for v in bits.values() if v == b) for b in widths}
+    label = (lambda b: f"{b}-bit") if section == "palettize" else str  # noqa: E731
     if args.size_mb is not None:
         goal_text = f"--size-mb {args.size_mb}"
     elif args.meet_target:
@@ -661,35 +771,39 @@ def main(argv: list[str] | None = None) -> None:
         goal_text = f"--min-cosine {args.min_cosine}" + (
             f" --max-spearman-drop {args.max_spearman_drop}" if args.max_spearman_drop is not None else "")
     cost_count, check_count = scorer.counts
+    candidates_text = {"palettize": "the palettize stage's own k-means" if analysis.exact else "its own k-means",
+                       "quantize": "the quantize stage's own output"}[section]
     dev = f"held-out dev {scorer.unit}" if not scorer.overlap else (
         f"dev {scorer.unit} (data.calibration_file, too small to hold any out: the calibration ones)")
     header = [
         f"Mixed-bit recipe written by `python -m coreml_pipeline.tools.mixed_bit {goal_text} --name {args.name}"
         + "".join(f" {o}" for o in args.overrides) + "`.",
-        f"Inputs: {args.weights} md5 {weights_md5}, {args.sensitivity} md5 {sensitivity_md5}; {dev}: "
-        f"{cost_count} for the per-layer costs, {check_count} for whole recipes.",
-        f"Estimate: {mean_bits:.2f} bits per weight on average, palettized weights {weights_mb:.2f} MB"
+        f"Inputs: {args.weights} md5 {weights_md5}"
+        + (f", {args.sensitivity} md5 {sensitivity_md5}" if sensitivity_md5 else "")
+        + f"; {dev}: {cost_count} for the per-layer costs, {check_count} for whole recipes.",
+        f"Estimate: {mean_bits:.2f} bits per weight on average, {section}d weights {weights_mb:.2f} MB"
         + (f", package about {size_of(bits) / 1e6:.2f} MB" if overhead is not None else "")
-        + f"; layers per width {', '.join(f'{b}-bit: {n}' for b, n in histogram.items() if n)}.",
-        f"Measured by the generator ({'the palettize stage' if analysis.exact else 'its own'} k-means, dev "
-        f"{scorer.unit}): {scorer.describe(result)}.",
-        f"Run it: dvc exp run -S palettize={args.name}",
+        + f"; layers per width {', '.join(f'{label(b)}: {n}' for b, n in histogram.items() if n)}.",
+        f"Measured by the generator ({candidates_text}, dev {scorer.unit}): {scorer.describe(result)}.",
+        f"Run it: dvc exp run -S {section}={args.name}",
     ]
-    out = config.CONF_DIR / "palettize" / f"{args.name}.yaml"
+    out = config.CONF_DIR / section / f"{args.name}.yaml"
     tables = {layer.name for layer in analysis.layers if layer.embedding}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(recipe_text(base, bits, header, tables), encoding="utf-8")
     report = Path(args.report) / f"{args.name}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({
-        "goal": goal_text, "overrides": args.overrides, "bits": widths, **result,
+        "goal": goal_text, "technique": section, "overrides": args.overrides, "bits": widths, **result,
         "family": family.name, "dev_overlaps_calibration": scorer.overlap,
-        "candidates": "palettize stage (exact_dp)" if analysis.exact else "estimate",
+        "candidates": ("quantize stage" if section == "quantize" else "palettize stage (exact_dp)")
+        if analysis.exact else "estimate",
         "estimated_package_mb": size_of(bits) / 1e6 if overhead is not None else None,
         "mean_bits": mean_bits,
         "measured": [{"package_mb": size_of(dict(key)) / 1e6, **value} for key, value in measured.items()],
         "cost": {f"{name}@{b}": c for (name, b), c in cost.items()},
-        "path_sizes_mb": [size_of(p) / 1e6 for p in path], "layer_bits": bits,
+        "path_sizes_mb": [size_of(p) / 1e6 for p in path],
+        "layer_bits" if section == "palettize" else "layer_dtypes": bits,
         "seconds": round(time.perf_counter() - started, 1),
     }, indent=1), encoding="utf-8")
     for line in header:

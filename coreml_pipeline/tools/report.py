@@ -36,12 +36,13 @@ def recipe_label(params: dict, reference: dict) -> str:
     # Copies of sections (finetune.palettize.*, coreml.palettize.*) repeat what the section itself says.
     changed = [c for c in changed if not c.startswith(("finetune.palettize.", "finetune.quantize.", "coreml.prune.",
                                                        "coreml.palettize.", "coreml.quantize."))]
-    # A mixed-bit recipe names every layer: count the layers per width instead.
-    widths = [params[k] for k in params if k.startswith("palettize.layer_bits.")]
-    changed = [c for c in changed if not c.startswith("palettize.layer_bits.")]
-    if widths:
-        counts = ", ".join(f"{b}-bit {widths.count(b)}" for b in sorted(set(widths)))
-        changed.append(f"palettize.layer_bits=({len(widths)} layers: {counts})")
+    # A mixed-bit (or mixed-dtype) recipe names every layer: count the layers per width instead.
+    for key, unit in (("palettize.layer_bits", "-bit"), ("quantize.layer_dtypes", "")):
+        widths = [params[k] for k in params if k.startswith(f"{key}.")]
+        changed = [c for c in changed if not c.startswith(f"{key}.")]
+        if widths:
+            counts = ", ".join(f"{b}{unit} {widths.count(b)}" for b in sorted(set(widths), key=str))
+            changed.append(f"{key}=({len(widths)} layers: {counts})")
     return " ".join(changed) or "(the commit's config)"
 
 
