@@ -188,3 +188,68 @@ def test_import_data_embeds_images_and_labels_for_the_image_classifier(tmp_path)
     assert all(isinstance(item["bytes"], bytes) and len(item["bytes"]) > 1000 for item in stored)
     assert json.loads(pq.read_schema(out / "test.parquet").metadata[b"huggingface"])["info"]["features"]["label"][
         "names"] == ["0", "1"]
+
+
+def labelled_folders(root: Path, names: tuple[str, ...]) -> Path:
+    """One split of the shipped photographs under class subfolders ``names`` (two images each)."""
+    files = sorted(PHOTOS.iterdir())
+    for index, name in enumerate(names):
+        (root / "split" / name).mkdir(parents=True, exist_ok=True)
+        for path in files[2 * index:2 * index + 2]:
+            (root / "split" / name / path.name).write_bytes(path.read_bytes())
+    return root
+
+
+def tiny_classifier(tmp_path: Path, data: DataConfig):
+    from tiny_families import tiny_image_classifier
+
+    model = families.family_class("image_classifier", "model").config(
+        source=str(tiny_image_classifier(tmp_path / "resnet")), image_size=32, resize_size=36)
+    return families.get(model, data)
+
+
+def test_label_map_turns_dataset_labels_into_model_classes(tmp_path):
+    """Folder names that are not the model's classes (WordNet-style ids): data.label_map maps them, by class name or
+    index, inline or from a .json file in data.dir, and the samples carry the model's class indices."""
+    labelled_folders(tmp_path, ("n001", "n002", "n003"))
+    unmapped = tiny_classifier(tmp_path, image_config(tmp_path, "split")).eval_samples()
+    assert "label" not in unmapped[0]  # neither class names nor indices: no accuracy without a map
+    (tmp_path / "wnids.json").write_text(json.dumps({"n001": "dog", "n002": 0, "n003": "bird"}))
+    for label_map in ({"n001": "dog", "n002": 0, "n003": "bird"}, "wnids.json"):
+        cfg = image_config(tmp_path, "split")
+        cfg.label_map = label_map
+        cfg.check()
+        check_splits(cfg)
+        samples = tiny_classifier(tmp_path, cfg).eval_samples()
+        assert [int(s["label"]) for s in samples] == [1, 1, 0, 0, 2, 2]  # tiny_families.CLASSES: cat, dog, bird
+
+
+def test_bad_label_maps_are_one_line_naming_the_key(tmp_path):
+    labelled_folders(tmp_path, ("n001", "n002"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+
+    def mapped(label_map):
+        cfg = image_config(tmp_path, "split")
+        cfg.label_map = label_map
+        cfg.check("data")
+        check_splits(cfg)
+        tiny_classifier(tmp_path, cfg).eval_samples()
+
+    assert_each_refused_in_one_line(mapped, [
+        ({"n001": 0}, "config error: data.label_map='{...}' is not allowed; allowed: an entry for every label of "
+                      "data.calibration_file='split'; 1 have none, e.g. 'n002'"),
+        ({"n001": 0, "n002": "zebra"}, "config error: data.label_map='{...}' maps to 'zebra', which is not a class of "
+                                       "model.source="),
+        ({"n001": -1, "n002": 0}, "config error: data.label_map.n001=-1 is not allowed; allowed: a model class index"),
+        ("missing.json", "config error: data.label_map='missing.json' is not allowed; allowed: a mapping, or a .json "
+                         "file that exists in"),
+        ("list.json", "config error: data.label_map='list.json' is not allowed; allowed: a .json file holding one "
+                      "object; "),
+        (3, "config error: data.label_map=3 is not allowed; allowed: null, {dataset label: model class index or name}"),
+    ])
+    (tmp_path / "prose.txt").write_text("Some prose.\n")
+    text = text_config(tmp_path, "prose.txt")
+    text.label_map = {"a": 0}
+    with pytest.raises(ConfigError, match=r"data\.label_map='\{\.\.\.\}' is not allowed; allowed: null unless "
+                                          r"data\.format=imagefolder"):
+        text.check()

@@ -9,6 +9,7 @@ value and what is allowed, and is raised before any model is loaded.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -198,6 +199,19 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     # pairs: the scores' scale, stated (scores are rescaled to STS-B's 0-5).
     score_range: Optional[List[float]] = None
+    # imagefolder: the dataset's labels as the model's classes, where they are neither the model's class
+    # names nor its class indices: {dataset label: model class index or name}, or a .json file in dir
+    # holding that mapping (e.g. ImageNet's WordNet ids to class indices). null: the labels as they are.
+    label_map: Optional[Any] = None
+
+    def label_mapping(self) -> dict[str, int | str] | None:
+        """data.label_map as {dataset label: model class index or name} (its file read), keys as strings."""
+        if self.label_map is None:
+            return None
+        mapping = self.label_map
+        if isinstance(mapping, str):
+            mapping = json.loads((Path(self.dir) / mapping).read_text(encoding="utf-8"))
+        return {str(key): value for key, value in mapping.items()}
 
     def is_table(self, key: str) -> bool:
         """Whether split data.<key> is read as a table file (its columns named in data.columns)."""
@@ -230,6 +244,30 @@ class DataConfig:
                 fail(f"{prefix}.{key}", name, f"allowed: a file that exists in {self.dir}")
         if self.eval_max_pairs is not None:
             check_positive_int(f"{prefix}.eval_max_pairs", self.eval_max_pairs)
+        if self.label_map is not None:
+            self._check_label_map(f"{prefix}.label_map")
+
+    def _check_label_map(self, key: str) -> None:
+        shown = self.label_map if isinstance(self.label_map, str) else "{...}"
+        if self.format != "imagefolder":
+            fail(key, shown, "allowed: null unless data.format=imagefolder (it maps image labels to model classes)")
+        if isinstance(self.label_map, str):
+            path = Path(self.dir) / self.label_map
+            if path.suffix != ".json" or not path.is_file():
+                fail(key, self.label_map, f"allowed: a mapping, or a .json file that exists in {self.dir}")
+            try:
+                mapping = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                fail(key, self.label_map, f"allowed: a .json file holding one object; {path} does not parse ({exc})")
+            if not isinstance(mapping, dict):
+                fail(key, self.label_map, f"allowed: a .json file holding one object; {path} holds a "
+                     f"{type(mapping).__name__}")
+        elif not isinstance(self.label_map, dict):
+            fail(key, self.label_map, "allowed: null, {dataset label: model class index or name}, or a .json file")
+        for label, value in self.label_mapping().items():
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 0
+                                               or isinstance(value, str) and value):
+                fail(f"{key}.{label}", value, "allowed: a model class index (an integer >= 0) or class name")
 
 
 @dataclass

@@ -16,7 +16,14 @@ from typing import Any, Callable, ClassVar, List, Optional
 import numpy as np
 import torch
 
-from coreml_pipeline.config.schema import EvaluateConfig, ModelConfig, check_positive_int, check_state_dict_file, fail
+from coreml_pipeline.config.schema import (
+    ConfigError,
+    EvaluateConfig,
+    ModelConfig,
+    check_positive_int,
+    check_state_dict_file,
+    fail,
+)
 from coreml_pipeline.families import register
 from coreml_pipeline.families.base import Family
 
@@ -195,7 +202,7 @@ class ImageClassifier(Family):
             split = split.shuffle(seed=seed)
         if limit is not None:
             split = split.select(range(min(limit, len(split))))
-        labels = self._label_map(split)
+        labels = self._label_map(split, key)
         preprocess = self._preprocess()
         samples = []
         for row in split:
@@ -205,15 +212,21 @@ class ImageClassifier(Family):
             samples.append(sample)
         return samples
 
-    def _label_map(self, split) -> Callable[[Any], int] | None:
-        """Dataset label -> model class index: class names (folder names, a ClassLabel's names or
-        string labels) that are all the model's class names or integer indices, or integer labels
-        (the model's class indices); None when there are no (matching) labels."""
+    def _label_map(self, split, key: str) -> Callable[[Any], int] | None:
+        """Dataset label -> model class index: through data.label_map when set; else class names (folder
+        names, a ClassLabel's names or string labels) that are all the model's class names or integer
+        indices, or integer labels (the model's class indices); None when there are no (matching) labels."""
+        from coreml_pipeline.families.tables import mapped_labels, split_label_names
+
         feature = split.features.get("label")
         if feature is None:
             return None
-        if hasattr(feature, "names"):  # folder names or a ClassLabel
-            names = feature.names
+        names = getattr(feature, "names", None)
+        if self.data.label_map is not None:
+            index = {name: self._model_class(value) for name, value in
+                     mapped_labels(self.data, key, split_label_names(split)).items()}
+            return (lambda label: index[names[label]]) if names else (lambda label: index[str(label)])
+        if names is not None:  # folder names or a ClassLabel
             index = self._class_indices(names)
             return None if index is None else (lambda label: index[names[label]])
         if feature.dtype.startswith(("int", "uint")):
@@ -222,6 +235,19 @@ class ImageClassifier(Family):
             index = self._class_indices(sorted(set(split["label"])))
             return None if index is None else index.__getitem__
         return None
+
+    def _model_class(self, value: int | str) -> int:
+        """A data.label_map value as the model's class index: an index as it is, a class name looked up."""
+        if isinstance(value, int):
+            return value
+        model_names = self.label_names()
+        if model_names is None or value not in model_names:
+            allowed = "class indices (the model has no class names)" if model_names is None else (
+                f"the model's class names, e.g. {', '.join(model_names[:3])}, or class indices")
+            shown = self.data.label_map if isinstance(self.data.label_map, str) else "{...}"
+            raise ConfigError(f"config error: data.label_map={shown!r} maps to {value!r}, which is not a class of "
+                              f"model.source={self.cfg.source!r}; allowed: {allowed}")
+        return model_names.index(value)
 
     def _class_indices(self, names: list[str]) -> dict[str, int] | None:
         """Each name's model class index, when every name is a class name of the model or an integer."""
@@ -271,7 +297,8 @@ class ImageClassifier(Family):
             metrics["accuracy"] = round(float((top1 == compressed["label"]).double().mean()), 6)
             metrics["float_accuracy"] = round(float_report["accuracy"], 6)
         else:
-            metrics["accuracy"] = "not computed: the image folders are not named after the model's classes"
+            metrics["accuracy"] = ("not computed: the images carry no labels, or labels that are not the model's "
+                                   "classes (data.label_map maps them)")
         metrics["quality"] = metrics["top1_agreement"]
         metrics["meets_target"] = bool(agreement >= cfg.min_agreement)
         probs = lambda logits: torch.softmax(logits, -1)  # noqa: E731

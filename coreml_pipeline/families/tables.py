@@ -81,18 +81,52 @@ def image_table(cfg: DataConfig, key: str):
     return split.rename_columns(renames) if renames else split
 
 
+def split_label_names(split) -> list[str] | None:
+    """The labels of an image split (a `datasets.Dataset` with a label column) as strings: a ClassLabel's
+    names (folder names), or the distinct values; None when it has no labels."""
+    feature = split.features.get("label")
+    if feature is None:
+        return None
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    return sorted({str(value) for value in split["label"]})
+
+
+def mapped_labels(cfg: DataConfig, key: str, names: list[str]) -> dict[str, int | str]:
+    """data.label_map's entry for every label of split data.<key>: one config error line naming a label
+    it does not map."""
+    mapping = cfg.label_mapping()
+    missing = [name for name in names if name not in mapping]
+    if missing:
+        shown = cfg.label_map if isinstance(cfg.label_map, str) else "{...}"
+        fail("data.label_map", shown, f"allowed: an entry for every label of data.{key}={getattr(cfg, key)!r}; "
+             f"{len(missing)} have none, e.g. {missing[0]!r}")
+    return {name: mapping[name] for name in names}
+
+
+def folder_label_names(cfg: DataConfig, key: str) -> list[str]:
+    """The labels `datasets`' imagefolder gives split data.<key> (a folder): its subfolders' names."""
+    root = Path(cfg.dir) / getattr(cfg, key)
+    return sorted(child.name for child in root.iterdir() if child.is_dir())
+
+
 def check_splits(cfg: DataConfig) -> None:
-    """Every table split read and its columns checked (the validate stage: before any model loads)."""
+    """Every table split read and its columns checked, and data.label_map checked against every image
+    split's labels (the validate stage: before any model loads)."""
     from coreml_pipeline.families import stsb
 
     first_key = {}  # each file once, under the first key naming it
     for key in SPLIT_KEYS:
-        if cfg.is_table(key):
+        if cfg.is_table(key) or cfg.label_map is not None:
             first_key.setdefault(getattr(cfg, key), key)
     for key in first_key.values():
         if cfg.format == "pairs":
             stsb.read_split(cfg, getattr(cfg, key))
         elif cfg.format == "text":
             text_of(cfg, key)
-        else:
-            image_table(cfg, key)
+        elif cfg.is_table(key):
+            split = image_table(cfg, key)
+            if cfg.label_map is not None:
+                mapped_labels(cfg, key, split_label_names(split) or [])
+        elif cfg.label_map is not None:
+            mapped_labels(cfg, key, folder_label_names(cfg, key))
