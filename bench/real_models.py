@@ -59,6 +59,10 @@ SMOLLM2: list[tuple[str, list[str], str]] = [
     ("skm-4bit-g16", G16, "sensitive k-means 4-bit, group 16"),
     ("skm-4bit-g1", [], "sensitive k-means 4-bit, one table per channel (the pipeline's default recipe)"),
     ("skm-6bit-g16", G16 + ["palettize.n_bits=6"], "sensitive k-means 6-bit, group 16"),
+    # Written by coreml_pipeline.tools.mixed_bit --meet-target --bits 6 8 (conf/palettize/mixed_smollm2_g16.yaml's
+    # header: the command and inputs).
+    ("mixed-g16-target", ["palettize=mixed_smollm2_g16"],
+     "mixed 6/8-bit, group 16 (the head at 8): the generator's smallest recipe meeting the target on dev"),
     ("int8-per-channel", NO_PALETTE + ["quantize=int8"], "linear int8, symmetric, per channel"),
     ("int4-per-block-32", NO_PALETTE + ["quantize=int4_block"], "linear int4, symmetric, per block of 32"),
     ("uint4-affine-per-block-32", NO_PALETTE + ["quantize=int4_block", "quantize.dtype=uint4",
