@@ -114,6 +114,28 @@ def test_exact_dp_registers_the_tables_skm_palettizer_would(tmp_path):
         torch.testing.assert_close(exact[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
+@pytest.mark.parametrize("lut_dtype", ["int8", "uint8"])
+def test_exact_dp_quantizes_its_tables_as_skm_palettizer_does(lut_dtype):
+    """lut_dtype: the optimal tables quantized as coremltools' palettizers quantize theirs. With positive
+    importance the optimum is unique, so weights, quantized tables, their scales (and uint8's zero points),
+    compression types and metadata equal SKMPalettizer's."""
+    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1,
+                          kmeans_solver="coremltools", lut_dtype=lut_dtype)
+    generator = torch.Generator().manual_seed(0)
+    model = tiny_model()
+    sensitivity = {f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
+                   for name, m in model.named_children()}
+    reference = palettize.palettize(tiny_model(), cfg, sensitivity).state_dict()
+    exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp"), sensitivity)
+    exact = exact.state_dict()
+    assert sorted(exact) == sorted(reference)
+    assert any(key.endswith("quantization_scale") for key in reference)
+    assert any(key.endswith("zero_point") for key in reference) == (lut_dtype == "uint8")
+    for key, value in reference.items():
+        assert exact[key].shape == value.shape and exact[key].dtype == value.dtype, key
+        torch.testing.assert_close(exact[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_exact_dp_data_free_error_is_never_above_coremltools():
     """Data-free, coremltools rounds weights to 4 decimals before its k-means
     (enable_fast_kmeans_mode); the exact solver clusters the weights themselves."""
@@ -132,7 +154,6 @@ def test_exact_dp_data_free_error_is_never_above_coremltools():
 @pytest.mark.parametrize("override, message", [
     ({"method": "uniform"}, "method=kmeans or sensitive_kmeans"),
     ({"cluster_dim": 2, "method": "kmeans"}, "cluster_dim=1 only"),
-    ({"lut_dtype": "int8"}, "lut_dtype=None only"),
     ({"kmeans_solver": "fast"}, "auto, coremltools, exact_dp"),
 ])
 def test_exact_dp_refuses_what_it_does_not_compute(override, message):
@@ -162,8 +183,8 @@ def test_auto_runs_exact_dp_wherever_it_applies():
     kmeans = registry.get("palettize", "kmeans")
     assert kmeans.solver(PalettizeConfig(method="kmeans")) == "exact_dp"
     per_tensor = {"granularity": "per_tensor", "group_size": None}
-    for options in ({"lut_dtype": "int8"}, {"cluster_dim": 2, **per_tensor}):
-        assert kmeans.solver(PalettizeConfig(method="kmeans", **options)) == "coremltools", options
+    assert kmeans.solver(PalettizeConfig(method="kmeans", cluster_dim=2, **per_tensor)) == "coremltools"
+    assert kmeans.solver(PalettizeConfig(method="kmeans", lut_dtype="int8")) == "exact_dp"
     assert kmeans.solver(PalettizeConfig(method="kmeans", enable_per_channel_scale=True, **per_tensor)) == "exact_dp"
     assert registry.get("palettize", "uniform").solver(PalettizeConfig(method="uniform")) == "coremltools"
     assert kmeans.solver(PalettizeConfig(method="kmeans", kmeans_solver="coremltools")) == "coremltools"

@@ -64,6 +64,8 @@ TECHNIQUES = {
     "exact-dp-sensitive-per-channel-scale-g16": (None, pal(method="sensitive_kmeans", enable_per_channel_scale=True,
                                                            kmeans_solver="exact_dp"), None, [SCALE, LUT]),
     "kmeans-int8-lut": (None, pal(lut_dtype="int8"), None, [SCALE, LUT]),
+    "exact-dp-sensitive-uint8-lut-g16": (None, pal(method="sensitive_kmeans", lut_dtype="uint8", kmeans_solver="exact_dp"),
+                                         None, [SCALE, LUT]),
     "kmeans-vector-cluster-dim-2": (None, pal(granularity="per_tensor", cluster_dim=2), None, [LUT]),
     "int8-per-channel": (None, OFF, quant(), [SCALE]),
     "uint8-affine-per-tensor": (None, OFF, quant(dtype="uint8", scheme="affine", granularity="per_tensor"), [SCALE]),

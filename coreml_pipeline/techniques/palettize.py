@@ -154,8 +154,29 @@ def per_channel_scale(weight: torch.Tensor) -> torch.Tensor:
     return scale
 
 
+def _quantized_tables(tables: np.ndarray, lut_dtype: str) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """palettize.lut_dtype: each group's table quantized as coremltools' palettizers quantize theirs
+    (symmetric linear, one scale per table; entries kept where they fall, indices unchanged), and the
+    metadata they register: quantization_n_bits, quantization_scale (groups, 1) and, for uint8, the
+    zero points."""
+    from coreml_pipeline.coreml.private import quantize_lut
+
+    dtype = getattr(torch, lut_dtype)
+    rows, scales, zero_points = [], [], []
+    for table in tables:
+        entries, scale, zero_point = quantize_lut(dtype, torch.from_numpy(table))
+        rows.append(entries.numpy())
+        scales.append(scale)
+        if zero_point is not None:
+            zero_points.append(zero_point)
+    fields = {"quantization_n_bits": torch.iinfo(dtype).bits, "quantization_scale": torch.stack(scales)}
+    if zero_points:
+        fields["zero_point"] = torch.stack(zero_points)
+    return np.stack(rows), fields
+
+
 def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, tables: np.ndarray,
-                      scale: torch.Tensor | None = None) -> None:
+                      scale: torch.Tensor | None = None, lut_fields: dict | None = None) -> None:
     """Write back a layer's palettized weight (laid out as _weight_groups gave it, times ``scale``
     per output channel when given) and register its look-up tables (groups, 2**n) as coremltools'
     palettizers do, in the layout of the weight's axes: (groups, 1, 2**n, 1) or (1, groups, 2**n, 1)
@@ -174,7 +195,11 @@ def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, ta
     layout = [1] * module.weight.ndim
     layout[axis] = table.shape[0]
     table = table.reshape(*layout, table.shape[1], 1)
-    register_compression(module, lut=table, compression_type=["palettization"], **fields)
+    kinds = ["palettization"]
+    for key, value in (lut_fields or {}).items():  # a quantized table: its scales in the table's layout
+        kinds = ["palettization", "quantization"]
+        fields[key] = value if key == "quantization_n_bits" else value.reshape(*layout, *([1] * 2))
+    register_compression(module, lut=table, compression_type=kinds, **fields)
 
 
 def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
@@ -213,8 +238,11 @@ def exact_palettize(model: torch.nn.Module, cfg: PalettizeConfig,
             by_channel = _grouped(np.ascontiguousarray(np.broadcast_to(squared, weight.shape)), axis, group)
             importance = by_channel if importance is None else importance * by_channel
         centroids, labels = cluster_groups(groups, 2 ** n_bits, importance, threads=cfg.num_kmeans_workers)
+        lut_fields = None
+        if cfg.lut_dtype:  # the optimal tables quantized as coremltools quantizes its own (float64 as its are)
+            centroids, lut_fields = _quantized_tables(centroids, cfg.lut_dtype)
         lut = centroids.astype(np.float32)  # coremltools also casts its float64 centroids to the weight's dtype
-        _store_palettized(module, axis, np.take_along_axis(lut, labels, axis=1), lut, scale)
+        _store_palettized(module, axis, np.take_along_axis(lut, labels, axis=1), lut, scale, lut_fields)
     register_metadata_version(model)
     return model
 

@@ -8,7 +8,7 @@ from coreml_pipeline.techniques.registry import Method, pruning_source, register
 
 # What exact_dp computes: scalar look-up entries in float tables, with or without per-channel scales
 # (key, the one value it takes). coremltools' palettizers do the rest.
-EXACT_DP_ONLY_WITH = (("cluster_dim", 1), ("lut_dtype", None))
+EXACT_DP_ONLY_WITH = (("cluster_dim", 1),)
 
 
 def grouping_axis(embedding: bool, shape: tuple[int, ...], cfg: PalettizeConfig, group: int | None) -> int:
