@@ -357,8 +357,8 @@ class PalettizeConfig(TensorPaletteConfig):
     layer_bits: Optional[Dict[str, int]] = None
     # Who computes the k-means look-up tables: exact_dp (coreml_pipeline/kmeans.py: the optimal 1-D
     # k-means, several times faster), coremltools (the reference), or auto: exact_dp wherever it
-    # applies (per-channel scales included), coremltools for what it does not compute (vector
-    # entries, quantized tables). See docs/benchmarks.md.
+    # applies (per-channel scales and int8/uint8 tables included), coremltools for what it does not
+    # compute (vector entries). See docs/benchmarks.md.
     kmeans_solver: str = "auto"
 
     def __post_init__(self) -> None:

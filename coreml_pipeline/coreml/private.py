@@ -51,19 +51,19 @@ def kmeans1d(values: list[float], k: int, weights: list[float] | None = None) ->
 # technique that computes its own tables (exact k-means, uniform, zero-keeping k-means,
 # embedding quantization) must register the same, and coremltools has no public writer.
 from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata as _CompressionMetadata  # noqa: E402
+from coremltools.optimize.torch._utils.metadata_utils import register_metadata_version  # noqa: E402,F401
+
 
 # --- coremltools.optimize.torch._utils.k_means ----------------------------------------
 # KMeans._quantize_centroids: how the torch palettizers quantize one group's look-up table
 # (lut_dtype: symmetric linear, one scale per table); exact_dp's int8/uint8 tables are its
 # optimal tables quantized the same way. Not exposed outside the palettizers' k-means pass.
-from coremltools.optimize.torch._utils.k_means import KMeans as _KMeans  # noqa: E402
-
-
 def quantize_lut(dtype, centroids):
     """(dequantized entries, scale, zero point or None) of one look-up table, as coremltools' palettizers
     quantize it for lut_dtype ``dtype`` (torch.int8 or torch.uint8)."""
-    return _KMeans._quantize_centroids(dtype, centroids)
-from coremltools.optimize.torch._utils.metadata_utils import register_metadata_version  # noqa: E402,F401
+    from coremltools.optimize.torch._utils.k_means import KMeans
+
+    return KMeans._quantize_centroids(dtype, centroids)
 
 
 def register_compression(module, **fields: Any) -> None:
