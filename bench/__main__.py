@@ -110,8 +110,9 @@ def scaling_md(r: dict) -> list[str]:
     lines += ["", "Linear fit of time against parameters, extrapolated to a 2.6 B-parameter UNet:", ""]
     for step, fit in r["extrapolation_2_6b"].items():
         goal = ""
-        if step == "palettize_sensitive_exact_dp":
-            goal = (f" (goal: under {SENSITIVE_GOAL_SECONDS_AT_2600M // 60} min: "
+        if step.startswith("palettize_sensitive_exact_dp"):
+            weights = "float16-valued weights" if step.endswith("_fp16") else "float32 weights"
+            goal = (f" (goal: under {SENSITIVE_GOAL_SECONDS_AT_2600M // 60} min, {weights}: "
                     f"{verdict(fit['seconds_at_2600m'] <= SENSITIVE_GOAL_SECONDS_AT_2600M)})")
         lines.append(f"- {step}: {fit['seconds_per_m_params']:.3f} s per M parameters, about "
                      f"{fit['seconds_at_2600m'] / 60:.0f} min at 2.6 B{goal}")

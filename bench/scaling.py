@@ -9,7 +9,8 @@ and peak resident memory of the whole process tree (sampled every 20 ms; the
 k-means workers included) minus the footprint after imports, against the
 stack's float32 size. The steps run the stages' own code on the stack:
 palettize.run (4-bit, group 16, 2 workers: data-free k-means with both solvers, and
-sensitive k-means with exact_dp on random positive sensitivities), the sensitivity
+sensitive k-means with exact_dp on random positive sensitivities, on float32 weights and on
+weights rounded to float16 values, as a float16 checkpoint gives them), the sensitivity
 (8 random batches, squared-output loss) by SKMPalettizer and by the calibrate
 stage's in-place computation of the same values, and the convert stage's
 ct.convert call (iOS18, float16, bounded index search) plus the reproducible save.
@@ -29,8 +30,8 @@ from pathlib import Path
 
 WIDTH = 2048
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = ("palettize_coremltools", "palettize_exact_dp", "palettize_sensitive_exact_dp", "calibrate_coremltools",
-         "calibrate", "convert")
+STEPS = ("palettize_coremltools", "palettize_exact_dp", "palettize_sensitive_exact_dp",
+         "palettize_sensitive_exact_dp_fp16", "calibrate_coremltools", "calibrate", "convert")
 
 
 class PeakSampler(threading.Thread):
@@ -62,11 +63,18 @@ class PeakSampler(threading.Thread):
         return max(self.peak, self.tree_rss())
 
 
-def stack(layers: int):
+def stack(layers: int, float16_values: bool = False):
+    """The stack; with ``float16_values`` its weights rounded to float16 (a float16 checkpoint, such as the
+    fp16 variant diffusers' SDXL ships, loaded in float32): fewer distinct values per group for exact_dp."""
     import torch
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)]).eval()
+    model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)]).eval()
+    if float16_values:
+        with torch.no_grad():
+            for layer in model:
+                layer.weight.copy_(layer.weight.half().float())
+    return model
 
 
 def palettize_config(solver: str, method: str = "kmeans"):
@@ -109,7 +117,7 @@ def step(name: str, layers: int, tmp: Path) -> dict:
     runtime.setup("scaling")
     weights_path = tmp / f"palettized-{layers}.safetensors"
     sensitivity_path = tmp / f"sensitivity-{layers}.safetensors"
-    if name == "palettize_sensitive_exact_dp":
+    if name.startswith("palettize_sensitive_exact_dp"):
         # Written by another process, as the calibrate stage writes them: making 805 MB of sensitivities here
         # would put them (and the heap glibc keeps after they are freed) into this step's peak.
         import multiprocessing
@@ -120,9 +128,9 @@ def step(name: str, layers: int, tmp: Path) -> dict:
     sampler = PeakSampler()
     footprint = sampler.tree_rss()
     sampler.start()
-    model = stack(layers)
+    model = stack(layers, float16_values=name.endswith("_fp16"))
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    if name == "palettize_sensitive_exact_dp":
+    if name.startswith("palettize_sensitive_exact_dp"):
         # Read as the palettize stage reads the calibrate stage's file: layer by layer.
         from coreml_pipeline.model import LazyTensors
 
