@@ -199,3 +199,21 @@ def test_warm_stages_are_opt_in_on_macos(monkeypatch):
     assert warmstart.enabled()
     monkeypatch.setenv("PIPELINE_WARM", "0")
     assert not warmstart.enabled()
+
+
+def test_the_server_skips_only_torch_librarys_exit_teardown():
+    """torch.library's per-library deregistration at exit (175 finalizers after the preload, about 37 ms of every
+    stage's exit) is turned off in the server; other finalizers keep running at exit."""
+    import weakref
+
+    import torch
+
+    from coreml_pipeline import warmstart
+
+    layer = torch.nn.Linear(1, 1)
+    other = weakref.finalize(layer, lambda: None)
+    warmstart._skip_library_teardown()
+    teardown = [f for f, info in weakref.finalize._registry.items() if info.func is torch.library._del_library]
+    assert teardown and not any(f.atexit for f in teardown)
+    assert other.atexit
+    other.detach()
