@@ -3,6 +3,7 @@
     python -m coreml_pipeline.tools.mixed_bit --meet-target --name mixed_target palettize.group_size=16
     python -m coreml_pipeline.tools.mixed_bit --min-cosine 0.97 --max-spearman-drop 0.5 --name mixed_cos
     python -m coreml_pipeline.tools.mixed_bit --size-mb 11.6 --name mixed_11mb palettize.group_size=16
+    python -m coreml_pipeline.tools.mixed_bit --technique quantize --meet-target --name mixed_q quantize.block_size=32
     dvc exp run -S palettize=mixed_target
 
 In the spirit of Apple's mixed-bit palettization pre-analysis for Stable
@@ -36,6 +37,10 @@ model family is measured with its own evaluate figures.
    refill then spends what a big step down saved (see ``refill``).
 4. Write conf/palettize/<name>.yaml: the base section plus ``layer_bits``,
    with a header recording the inputs, the estimate and the measurement.
+
+``--technique quantize`` does the same for data-free linear quantization: int4 or int8
+(uint4/uint8 with scheme affine) per layer, candidates the quantize stage's own output,
+written as ``quantize.layer_dtypes`` to conf/quantize/<name>.yaml.
 """
 
 from __future__ import annotations
@@ -469,7 +474,7 @@ class Analysis:
             return self.scorer.check(model)
 
     def costs(self) -> dict[tuple[str, int], float]:
-        """What palettizing each layer alone at each width costs (the scorer's cost; 0 for float)."""
+        """What compressing each layer alone at each width costs (the scorer's cost; 0 for float)."""
         cost = {}
         for layer in self.layers:
             for n_bits in self.widths:
