@@ -96,18 +96,23 @@ def tiny_model() -> torch.nn.Module:
     return model
 
 
+def skm_and_exact_dp(**options) -> tuple[dict, dict, dict]:
+    """SKMPalettizer's and exact_dp's state dicts of the tiny model (3 bits, group 8) with positive random
+    importance everywhere (so the optimum is unique), and that importance."""
+    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1,
+                          kmeans_solver="coremltools", **options)
+    generator = torch.Generator().manual_seed(0)
+    sensitivity = {f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
+                   for name, m in tiny_model().named_children()}
+    reference = palettize.palettize(tiny_model(), cfg, sensitivity).state_dict()
+    exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp"), sensitivity)
+    return reference, exact.state_dict(), sensitivity
+
+
 def test_exact_dp_registers_the_tables_skm_palettizer_would(tmp_path):
     """Positive importance everywhere: the optimum is unique, so the exact solver's
     weights, tables, compression types and metadata version equal SKMPalettizer's."""
-    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1,
-                          kmeans_solver="coremltools")
-    generator = torch.Generator().manual_seed(0)
-    model = tiny_model()
-    sensitivity = {f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
-                   for name, m in model.named_children()}
-    reference = palettize.palettize(tiny_model(), cfg, sensitivity).state_dict()
-    exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp"), sensitivity)
-    exact = exact.state_dict()
+    reference, exact, _ = skm_and_exact_dp()
     assert sorted(exact) == sorted(reference)
     for key, value in reference.items():
         assert exact[key].shape == value.shape and exact[key].dtype == value.dtype, key
@@ -120,15 +125,7 @@ def test_exact_dp_quantizes_its_tables_as_skm_palettizer_does(lut_dtype):
     importance the optimum is unique, so the quantized tables, their scales (and uint8's zero points),
     compression types and metadata equal SKMPalettizer's; each weight then takes its nearest quantized entry
     (coremltools keeps its cluster's), so the weighted error is never above SKMPalettizer's."""
-    cfg = PalettizeConfig(method="sensitive_kmeans", n_bits=3, group_size=8, num_kmeans_workers=1,
-                          kmeans_solver="coremltools", lut_dtype=lut_dtype)
-    generator = torch.Generator().manual_seed(0)
-    model = tiny_model()
-    sensitivity = {f"{name}.weight": torch.rand(m.weight.shape, generator=generator) + 0.01
-                   for name, m in model.named_children()}
-    reference = palettize.palettize(tiny_model(), cfg, sensitivity).state_dict()
-    exact = palettize.palettize(tiny_model(), dataclasses.replace(cfg, kmeans_solver="exact_dp"), sensitivity)
-    exact = exact.state_dict()
+    reference, exact, sensitivity = skm_and_exact_dp(lut_dtype=lut_dtype)
     assert sorted(exact) == sorted(reference)
     assert any(key.endswith("quantization_scale") for key in reference)
     assert any(key.endswith("zero_point") for key in reference) == (lut_dtype == "uint8")

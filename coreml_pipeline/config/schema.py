@@ -204,6 +204,11 @@ class DataConfig:
     # holding that mapping (e.g. ImageNet's WordNet ids to class indices). null: the labels as they are.
     label_map: Optional[Any] = None
 
+    @property
+    def label_map_shown(self) -> str:
+        """data.label_map as config errors name it: its file, or {...} for an inline mapping."""
+        return self.label_map if isinstance(self.label_map, str) else "{...}"
+
     def label_mapping(self) -> dict[str, int | str] | None:
         """data.label_map as {dataset label: model class index or name} (its file read), keys as strings."""
         if self.label_map is None:
@@ -248,9 +253,10 @@ class DataConfig:
             self._check_label_map(f"{prefix}.label_map")
 
     def _check_label_map(self, key: str) -> None:
-        shown = self.label_map if isinstance(self.label_map, str) else "{...}"
         if self.format != "imagefolder":
-            fail(key, shown, "allowed: null unless data.format=imagefolder (it maps image labels to model classes)")
+            fail(key, self.label_map_shown, "allowed: null unless data.format=imagefolder (it maps image labels to "
+                 "model classes)")
+        mapping = self.label_map
         if isinstance(self.label_map, str):
             path = Path(self.dir) / self.label_map
             if path.suffix != ".json" or not path.is_file():
@@ -264,7 +270,7 @@ class DataConfig:
                      f"{type(mapping).__name__}")
         elif not isinstance(self.label_map, dict):
             fail(key, self.label_map, "allowed: null, {dataset label: model class index or name}, or a .json file")
-        for label, value in self.label_mapping().items():
+        for label, value in mapping.items():
             if isinstance(value, bool) or not (isinstance(value, int) and value >= 0
                                                or isinstance(value, str) and value):
                 fail(f"{key}.{label}", value, "allowed: a model class index (an integer >= 0) or class name")

@@ -244,8 +244,7 @@ class ImageClassifier(Family):
         if model_names is None or value not in model_names:
             allowed = "class indices (the model has no class names)" if model_names is None else (
                 f"the model's class names, e.g. {', '.join(model_names[:3])}, or class indices")
-            shown = self.data.label_map if isinstance(self.data.label_map, str) else "{...}"
-            raise ConfigError(f"config error: data.label_map={shown!r} maps to {value!r}, which is not a class of "
+            raise ConfigError(f"config error: data.label_map={self.data.label_map_shown!r} maps to {value!r}, which is not a class of "
                               f"model.source={self.cfg.source!r}; allowed: {allowed}")
         return model_names.index(value)
 

@@ -98,8 +98,7 @@ def mapped_labels(cfg: DataConfig, key: str, names: list[str]) -> dict[str, int 
     mapping = cfg.label_mapping()
     missing = [name for name in names if name not in mapping]
     if missing:
-        shown = cfg.label_map if isinstance(cfg.label_map, str) else "{...}"
-        fail("data.label_map", shown, f"allowed: an entry for every label of data.{key}={getattr(cfg, key)!r}; "
+        fail("data.label_map", cfg.label_map_shown, f"allowed: an entry for every label of data.{key}={getattr(cfg, key)!r}; "
              f"{len(missing)} have none, e.g. {missing[0]!r}")
     return {name: mapping[name] for name in names}
 

@@ -156,9 +156,8 @@ def per_channel_scale(weight: torch.Tensor) -> torch.Tensor:
 
 def _quantized_tables(tables: np.ndarray, lut_dtype: str) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     """palettize.lut_dtype: each group's table quantized as coremltools' palettizers quantize theirs
-    (symmetric linear, one scale per table; entries kept where they fall, indices unchanged), and the
-    metadata they register: quantization_n_bits, quantization_scale (groups, 1) and, for uint8, the
-    zero points."""
+    (symmetric linear, one scale per table), and the metadata they register: quantization_n_bits,
+    quantization_scale (groups, 1) and, for uint8, the zero points."""
     from coreml_pipeline.coreml.private import quantize_lut
 
     dtype = getattr(torch, lut_dtype)
@@ -203,10 +202,9 @@ def _store_palettized(module: torch.nn.Module, axis: int, values: np.ndarray, ta
     layout = [1] * module.weight.ndim
     layout[axis] = table.shape[0]
     table = table.reshape(*layout, table.shape[1], 1)
-    kinds = ["palettization"]
     for key, value in (lut_fields or {}).items():  # a quantized table: its scales in the table's layout
-        kinds = ["palettization", "quantization"]
-        fields[key] = value if key == "quantization_n_bits" else value.reshape(*layout, *([1] * 2))
+        fields[key] = value if key == "quantization_n_bits" else value.reshape(*layout, 1, 1)
+    kinds = ["palettization", "quantization"] if lut_fields else ["palettization"]
     register_compression(module, lut=table, compression_type=kinds, **fields)
 
 

@@ -76,6 +76,7 @@ from coreml_pipeline.families.base import torch_device
 from coreml_pipeline.families.sentence_embedding import encode, sts_spearman
 from coreml_pipeline.families.stsb import Pairs, load_pairs
 from coreml_pipeline.model import (
+    PALETTIZATION,
     QUANTIZATION,
     compressible_weights,
     compression_types,
@@ -260,23 +261,34 @@ def greedy_path(layers: list[Layer], cost: dict[tuple[str, int], float],
         path.append(dict(bits))
 
 
+def _each_width(model: torch.nn.Module, widths: tuple, compress, kind: int, stage: str, log) -> dict:
+    """{(layer, width): weight} of every layer ``compress(copy of model, width)`` compressed (compression
+    type ``kind``), as the stage writes it with every layer at each width."""
+    quiet = logging.getLogger("pipeline.mixed_bit.stage")  # the stage's per-width notes would drown the log
+    quiet.setLevel(logging.ERROR)
+    candidates = {}
+    for width in widths:
+        started = time.perf_counter()
+        compressed = compress(copy.deepcopy(model), width, quiet)
+        for name, module in compressible_weights(compressed):
+            if kind in compression_types(module):
+                candidates[name, width] = module.weight.detach().clone()
+        label = f"{width} bits" if isinstance(width, int) else width
+        log.info("candidates: every layer at %s as the %s stage writes them, %.1f s", label, stage,
+                 time.perf_counter() - started)
+        del compressed
+    return candidates
+
+
 def stage_candidates(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: dict | None,
                      widths: tuple[int, ...], log) -> dict[tuple[str, int], torch.Tensor]:
     """Every palettized layer's weight as the palettize stage writes it (techniques.palettize.run)
     with every layer at each width: {(layer, n_bits): weight}."""
-    quiet = logging.getLogger("pipeline.mixed_bit.stage")  # the stage's per-width notes would drown the log
-    quiet.setLevel(logging.ERROR)
-    candidates = {}
-    for n_bits in widths:
+    def compress(copy_of_model, n_bits, quiet):
         uniform = replace(cfg, n_bits=n_bits, layer_bits={}, embeddings=replace(cfg.embeddings, n_bits=None))
-        started = time.perf_counter()
-        palettized = palettize_stage(copy.deepcopy(model), uniform, sensitivity, quiet)
-        for name, module in palettized_layers(palettized, uniform):
-            candidates[name, n_bits] = module.weight.detach().clone()
-        log.info("candidates: every layer at %d bits as the palettize stage writes them, %.1f s", n_bits,
-                 time.perf_counter() - started)
-        del palettized
-    return candidates
+        return palettize_stage(copy_of_model, uniform, sensitivity, quiet)
+
+    return _each_width(model, widths, compress, PALETTIZATION, "palettize", log)
 
 
 def quantize_candidates(model: torch.nn.Module, cfg: QuantizeConfig, dtypes: tuple[str, ...], log
@@ -285,19 +297,10 @@ def quantize_candidates(model: torch.nn.Module, cfg: QuantizeConfig, dtypes: tup
     linear: each layer on its own) with every layer at each dtype: {(layer, dtype): weight}."""
     from coreml_pipeline.techniques.quantize import run as quantize_stage
 
-    quiet = logging.getLogger("pipeline.mixed_bit.stage")
-    quiet.setLevel(logging.ERROR)
-    candidates = {}
-    for dtype in dtypes:
-        started = time.perf_counter()
-        quantized = quantize_stage(copy.deepcopy(model), replace(cfg, dtype=dtype, layer_dtypes={}), log=quiet)
-        for name, module in compressible_weights(quantized):
-            if QUANTIZATION in compression_types(module):
-                candidates[name, dtype] = module.weight.detach().clone()
-        log.info("candidates: every layer at %s as the quantize stage writes them, %.1f s", dtype,
-                 time.perf_counter() - started)
-        del quantized
-    return candidates
+    def compress(copy_of_model, dtype, quiet):
+        return quantize_stage(copy_of_model, replace(cfg, dtype=dtype, layer_dtypes={}), log=quiet)
+
+    return _each_width(model, dtypes, compress, QUANTIZATION, "quantize", log)
 
 
 class PairScorer:
@@ -436,18 +439,19 @@ class Analysis:
         group = cfg.group_size if cfg.granularity == "per_grouped_channel" else None
         for name, module in palettized_layers(self.model, cfg):
             embedding = isinstance(module, torch.nn.Embedding)
-            weight = module.weight.detach().numpy().copy()
+            shape = tuple(module.weight.shape)
             # The palettize stage's own rule (an output layer of 1000 classes is grouped along its inputs).
-            axis = grouping_axis(embedding, weight.shape, cfg, group)
-            if group and weight.shape[axis] % group:
+            axis = grouping_axis(embedding, shape, cfg, group)
+            if group and shape[axis] % group:
                 raise ConfigError(f"config error: palettize.group_size={group} does not divide {name}'s "
-                                  f"{weight.shape[axis]} channels along axis {axis}")
-            scores = importance.get(f"{name}.weight")
+                                  f"{shape[axis]} channels along axis {axis}")
             self.float_weights[name] = module.weight.detach().clone()
-            self.layers.append(Layer(name, weight.size, weight.shape[axis] // group if group else 1, embedding,
-                                     weight.shape[axis], shape=weight.shape))
+            self.layers.append(Layer(name, module.weight.numel(), shape[axis] // group if group else 1, embedding,
+                                     shape[axis], shape=shape))
             if self.exact:
                 continue
+            weight = module.weight.detach().numpy().copy()
+            scores = importance.get(f"{name}.weight")
             started = time.perf_counter()
             for n_bits in widths:
                 self.candidates[name, n_bits] = torch.from_numpy(grouped_kmeans(
