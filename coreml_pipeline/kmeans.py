@@ -16,6 +16,10 @@ the divide-and-conquer optimisation (the best j is monotone in i because the
 1-D squared-error cost satisfies the quadrangle inequality): O(k n log n) per
 group with prefix sums, 4 bytes of back-pointers per (cluster, value) pair
 (coremltools' kmeans1d keeps 16). Groups run in parallel on numba threads.
+Two exact savings on top (same partitions, ties included): rows that cost more
+than a near-optimal partition found on a 32x smaller problem are skipped, and
+the last layer computes only the row the answer needs; together 1.5x on groups
+of 32768 distinct values with 16 entries (benchmarks: solvers row).
 """
 
 from __future__ import annotations
@@ -35,19 +39,33 @@ def _cost(p0, p1, p2, j, i):
 
 
 @njit(cache=True)
-def _segments(p0, p1, p2, n, k):
-    """Start index of each of the k clusters of the optimal partition of n sorted points."""
+def _layers(p0, p1, p2, n, k, bound, back):
+    """The dynamic program's layers by divide and conquer; back[m, i] is where cluster m starts
+    when m + 1 clusters cover the first i points. Returns the optimum's cost.
+
+    A prefix whose cost already exceeds ``bound`` (the cost of a known partition of all n points)
+    cannot start any optimal partition: its row and the rows right of it (costlier still) are
+    skipped and never offered to the next layer; the last layer computes only the nodes on the
+    way to row n. Every row kept is computed by the same nodes with the same candidate ranges
+    as in the full dynamic program, so the partition is the same, ties included."""
     previous = np.empty(n + 1)
     current = np.empty(n + 1)
-    back = np.zeros((k, n + 1), dtype=np.int32)
+    previous[0] = 0.0
     for i in range(1, n + 1):
         previous[i] = _cost(p0, p1, p2, 0, i)
+    usable = n  # the last row of the previous layer within the bound
+    for i in range(1, n + 1):
+        if previous[i] > bound:
+            usable = i - 1
+            break
     stack = np.empty((256, 4), dtype=np.int64)  # depth-first: at most one pending node per level, plus one
     for m in range(1, k):
         # Cluster m ends at i (exclusive) and starts at j >= m; later clusters need k - 1 - m points.
         lowest, highest = m + 1, n - (k - 1 - m)
-        stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = lowest, highest, m, highest - 1
+        current[lowest:highest + 1] = np.inf
+        stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = lowest, highest, m, min(highest - 1, usable)
         top = 1
+        cutoff = highest
         while top > 0:
             top -= 1
             lo, hi, opt_lo, opt_hi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
@@ -66,10 +84,22 @@ def _segments(p0, p1, p2, n, k):
                     best, best_j = value, j
             current[mid] = best
             back[m, mid] = best_j
-            stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = lo, mid - 1, opt_lo, best_j
-            stack[top + 1, 0], stack[top + 1, 1], stack[top + 1, 2], stack[top + 1, 3] = mid + 1, hi, best_j, opt_hi
-            top += 2
+            if m < k - 1:  # the last layer needs row n only: the nodes on its way, the same as in the full layer
+                stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = lo, mid - 1, opt_lo, best_j
+                top += 1
+            if best <= bound:
+                stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = mid + 1, hi, best_j, opt_hi
+                top += 1
+            elif mid - 1 < cutoff:
+                cutoff = mid - 1
+        usable = cutoff
         previous, current = current, previous
+    return previous[n]
+
+
+@njit(cache=True)
+def _starts(back, n, k):
+    """Start index of each of the k clusters, read back from the last layer."""
     starts = np.zeros(k, dtype=np.int64)
     end = n
     for m in range(k - 1, 0, -1):
@@ -79,25 +109,65 @@ def _segments(p0, p1, p2, n, k):
 
 
 @njit(cache=True)
-def _cluster_one(values, weights, k, centroids, labels):
-    """Optimal k-means of one group; fills centroids (ascending, zero-padded) and labels."""
-    order = np.argsort(values, kind="mergesort")
+def _segments(p0, p1, p2, n, k):
+    """Start index of each of the k clusters of the optimal partition of n sorted points.
+
+    The bound that lets _layers skip rows is the cost of the optimal partition of the points
+    merged in runs of ``run`` (a problem ``run`` times smaller), its boundaries taken back to the
+    points: it is within a hair of the optimum, and on 32768 distinct values with 16 entries the
+    skipped rows make the whole solve 1.4x faster (the benchmark's solvers row)."""
+    back = np.zeros((k, n + 1), dtype=np.int32)
+    run = 32
+    while run > 1 and n <= 4 * run * k:  # the merged problem keeps at least 4 points per cluster
+        run //= 2
+    if run == 1:
+        _layers(p0, p1, p2, n, k, np.inf, back)
+        return _starts(back, n, k)
+    merged = (n + run - 1) // run
+    q0, q1, q2 = np.empty(merged + 1), np.empty(merged + 1), np.empty(merged + 1)
+    for t in range(merged):
+        q0[t], q1[t], q2[t] = p0[t * run], p1[t * run], p2[t * run]
+    q0[merged], q1[merged], q2[merged] = p0[n], p1[n], p2[n]
+    merged_back = np.zeros((k, merged + 1), dtype=np.int32)
+    _layers(q0, q1, q2, merged, k, np.inf, merged_back)
+    merged_starts = _starts(merged_back, merged, k)
+    known = 0.0  # summed in the dynamic program's order
+    for c in range(k):
+        end = merged_starts[c + 1] * run if c + 1 < k else n
+        known = known + _cost(p0, p1, p2, merged_starts[c] * run, end)
+    # The margin is far above the rounding of a few hundred additions and far below any real gap.
+    if _layers(p0, p1, p2, n, k, known * (1.0 + 1e-9), back) > known * (1.0 + 1e-9):
+        _layers(p0, p1, p2, n, k, np.inf, back)  # never seen; kept so that a rounding surprise costs time only
+    return _starts(back, n, k)
+
+
+@njit(cache=True)
+def _cluster_one(values, weights, order, k, centroids, labels):
+    """Optimal k-means of one group; fills centroids (ascending, zero-padded) and labels.
+    ``order`` sorts ``values`` (equal values in any order: see below)."""
     n_values = values.size
     # Merge equal values: fewer points, same optimum.
     unique = np.empty(n_values)
-    unique_weight = np.empty(n_values)
-    unique_count = np.empty(n_values)
+    unique_weight = np.zeros(n_values)
+    unique_count = np.zeros(n_values)
     slot = np.empty(n_values, dtype=np.int64)
     n = -1
+    previous_value = 0.0
     for position in range(n_values):
         index = order[position]
-        value = values[index]
-        if n < 0 or value != unique[n]:
+        if n < 0 or values[index] != previous_value:
             n += 1
-            unique[n], unique_weight[n], unique_count[n] = value, 0.0, 0.0
-        unique_weight[n] += weights[index]
-        unique_count[n] += 1.0
+            previous_value = values[index]
         slot[index] = n
+    # Each merged point's weight is summed, and its value (-0.0 or 0.0) taken, in index order: the
+    # same whatever order the sort left equal values in (numpy's sort is not stable, and its order
+    # among ties depends on the CPU's vector units).
+    for index in range(n_values):
+        point = slot[index]
+        if unique_count[point] == 0.0:
+            unique[point] = values[index]
+        unique_weight[point] += weights[index]
+        unique_count[point] += 1.0
     n += 1
     clusters = min(k, n)
     # Prefix sums around the weighted mean, in float64, keep the subtraction in _cost accurate.
@@ -140,9 +210,9 @@ def _cluster_one(values, weights, k, centroids, labels):
 
 
 @njit(cache=True, parallel=True)
-def _cluster_groups(values, weights, k, centroids, labels):
+def _cluster_groups(values, weights, order, k, centroids, labels):
     for group in prange(values.shape[0]):
-        _cluster_one(values[group], weights[group], k, centroids[group], labels[group])
+        _cluster_one(values[group], weights[group], order[group], k, centroids[group], labels[group])
 
 
 def cluster_groups(values: np.ndarray, k: int, weights: np.ndarray | None = None,
@@ -165,7 +235,13 @@ def cluster_groups(values: np.ndarray, k: int, weights: np.ndarray | None = None
     if threads:
         set_num_threads(max(1, min(threads, saved)))
     try:
-        _cluster_groups(values, weights, k, centroids, labels)
+        # numpy sorts 7x faster than numba's argsort (vectorised on x86); about 1 M values at a time
+        # keeps the index array small beside the layer.
+        chunk = max(1, 2 ** 20 // values.shape[1])
+        for begin in range(0, values.shape[0], chunk):
+            part = slice(begin, begin + chunk)
+            _cluster_groups(values[part], weights[part], np.argsort(values[part], axis=1), k,
+                            centroids[part], labels[part])
     finally:
         set_num_threads(saved)
     return centroids, labels
@@ -185,5 +261,5 @@ def lut_function(weight: np.ndarray, n_bits: int) -> tuple[np.ndarray, np.ndarra
     k-means. One group per call, on the calling thread (coremltools calls it group by group)."""
     values = np.asarray(weight, dtype=np.float64).ravel()
     centroids, labels = np.zeros(2 ** n_bits), np.zeros(values.size, dtype=np.int64)
-    _cluster_one(values, np.ones_like(values), 2 ** n_bits, centroids, labels)
+    _cluster_one(values, np.ones_like(values), np.argsort(values), 2 ** n_bits, centroids, labels)
     return centroids.astype(weight.dtype), labels.astype(np.uint8)

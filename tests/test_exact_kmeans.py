@@ -81,6 +81,58 @@ def test_values_without_importance_take_their_nearest_entry():
     assert labels[0].tolist() == [0, 0, 0, 0, 1, 1, 1]
 
 
+def _prefix_sums(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    unique, inverse = np.unique(values, return_inverse=True)
+    merged = np.bincount(inverse, weights=weights)
+    x = unique - (merged * unique).sum() / merged.sum() if merged.sum() > 0 else unique - unique.mean()
+    sums = [np.concatenate([[0.0], np.cumsum(merged * x ** power)]) for power in range(3)]
+    return sums[0], sums[1], sums[2], unique.size
+
+
+def test_rows_skipped_by_the_bound_leave_the_partition_as_the_full_dynamic_program_gives_it():
+    """_segments skips the rows a near-optimal partition proves useless and computes only row n
+    of the last layer; every start must equal the full dynamic program's, ties among
+    zero-importance values (a group no calibration token reached) included."""
+    from coreml_pipeline.kmeans import _layers, _segments, _starts
+
+    generator = np.random.default_rng(3)
+    for trial in range(120):
+        n, k = int(generator.integers(2, 20000)), int(generator.choice([2, 3, 16, 64, 256]))
+        values = generator.standard_normal(n) * 10 ** generator.uniform(-3, 1)
+        if trial % 3 == 0:
+            values = np.round(values, 2)
+        weights = generator.random(n) ** 3
+        if trial % 2 == 0:
+            weights[generator.random(n) < 0.5] = 0.0
+        if trial % 11 == 0:
+            weights[:] = 0.0
+        p0, p1, p2, points = _prefix_sums(values, weights)
+        clusters = min(k, points)
+        full = np.zeros((clusters, points + 1), dtype=np.int32)
+        _layers(p0, p1, p2, points, clusters, np.inf, full)  # no bound: every row of every layer but the last
+        assert np.array_equal(_segments(p0, p1, p2, points, clusters), _starts(full, points, clusters)), trial
+
+
+def test_the_order_the_sort_leaves_equal_values_in_changes_nothing():
+    """numpy's argsort is not stable and orders ties differently on different vector units: the
+    merged points' weights are summed in index order, so any sorting order gives the same bits."""
+    from coreml_pipeline.kmeans import _cluster_one
+
+    generator = np.random.default_rng(4)
+    values = np.round(generator.standard_normal(3000), 1)
+    values[generator.random(3000) < 0.2] = -0.0
+    values[generator.random(3000) < 0.2] = 0.0
+    weights = generator.random(3000) * 1e-3 + generator.random(3000) ** 9
+    index = np.arange(values.size)
+    results = []
+    for tie_key in (index, -index, generator.random(values.size)):  # ties in index order, reversed, shuffled
+        order = np.lexsort((tie_key, values))
+        centroids, labels = np.zeros(16), np.zeros(values.size, dtype=np.int64)
+        _cluster_one(values, weights, order, 16, centroids, labels)
+        results.append((centroids.tobytes(), labels.tobytes()))
+    assert results[0] == results[1] == results[2]
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="non-negative"):
         cluster_groups(np.ones((1, 4)), 2, -np.ones((1, 4)))
