@@ -222,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
                   key=lambda r: (r["layers"], STEPS.index(r["step"]) if r["step"] in STEPS else len(STEPS)))
     ok = [r for r in rows if "failed" not in r and r["step"] in STEPS]
     out = {"width": WIDTH, "rows": [r for r in rows if r["step"] in STEPS], "extrapolation_2_6b": extrapolate(ok)}
+    # Stamped here too, so that a run of some steps alone (python -m bench.scaling --steps ...) keeps its date
+    # and machine in the report (python -m bench stamps every part it runs).
+    from bench.__main__ import machine
+
+    out["measured"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(out, indent=2) + "\n")
 
