@@ -39,20 +39,28 @@ def _cost(p0, p1, p2, j, i):
 
 
 @njit(cache=True)
-def _layers(p0, p1, p2, n, k, bound, back):
+def _layers(p0, p1, p2, n, k, bound, back, costs):
     """The dynamic program's layers by divide and conquer; back[m, i] is where cluster m starts
     when m + 1 clusters cover the first i points. Returns the optimum's cost.
+
+    ``costs`` of shape (k, n + 1) asks for every layer's rows up to n, each cost kept there (the
+    points beside a fixed entry: any prefix may end the free clusters); of shape (0, 0), for
+    the plain problem, only what the last row needs.
 
     A prefix whose cost already exceeds ``bound`` (the cost of a known partition of all n points)
     cannot start any optimal partition: its row and the rows right of it (costlier still) are
     skipped and never offered to the next layer; the last layer computes only the nodes on the
     way to row n. Every row kept is computed by the same nodes with the same candidate ranges
     as in the full dynamic program, so the partition is the same, ties included."""
+    keep = costs.shape[0] > 0
     previous = np.empty(n + 1)
     current = np.empty(n + 1)
     previous[0] = 0.0
     for i in range(1, n + 1):
         previous[i] = _cost(p0, p1, p2, 0, i)
+    if keep:
+        costs[0, :] = previous
+    previous_highest = n - (k - 1) if not keep else n
     usable = n  # the last row of the previous layer within the bound
     for i in range(1, n + 1):
         if previous[i] > bound:
@@ -61,7 +69,7 @@ def _layers(p0, p1, p2, n, k, bound, back):
     stack = np.empty((256, 4), dtype=np.int64)  # depth-first: at most one pending node per level, plus one
     for m in range(1, k):
         # Cluster m ends at i (exclusive) and starts at j >= m; later clusters need k - 1 - m points.
-        lowest, highest = m + 1, n - (k - 1 - m)
+        lowest, highest = m + 1, n - (k - 1 - m) if not keep else n
         current[lowest:highest + 1] = np.inf
         stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = lowest, highest, m, min(highest - 1, usable)
         top = 1
@@ -75,7 +83,7 @@ def _layers(p0, p1, p2, n, k, bound, back):
             # Knuth's bound as well: with one cluster more, the last one starts no earlier.
             last = min(mid - 1, opt_hi)
             first = opt_lo
-            if m > 1 and mid <= n - (k - m) and last >= back[m - 1, mid] > first:
+            if m > 1 and mid <= previous_highest and last >= back[m - 1, mid] > first:
                 first = back[m - 1, mid]
             best, best_j = np.inf, first
             for j in range(first, last + 1):
@@ -84,7 +92,7 @@ def _layers(p0, p1, p2, n, k, bound, back):
                     best, best_j = value, j
             current[mid] = best
             back[m, mid] = best_j
-            if m < k - 1:  # the last layer needs row n only: the nodes on its way, the same as in the full layer
+            if keep or m < k - 1:  # the last layer needs row n only: the nodes on its way, as in the full layer
                 stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = lo, mid - 1, opt_lo, best_j
                 top += 1
             if best <= bound:
@@ -93,13 +101,16 @@ def _layers(p0, p1, p2, n, k, bound, back):
             elif mid - 1 < cutoff:
                 cutoff = mid - 1
         usable = cutoff
+        previous_highest = highest
+        if keep:
+            costs[m, :] = current
         previous, current = current, previous
     return previous[n]
 
 
 @njit(cache=True)
 def _starts(back, n, k):
-    """Start index of each of the k clusters, read back from the last layer."""
+    """Start index of each of the k clusters covering the first n points, read back from layer k - 1."""
     starts = np.zeros(k, dtype=np.int64)
     end = n
     for m in range(k - 1, 0, -1):
@@ -117,11 +128,12 @@ def _segments(p0, p1, p2, n, k):
     points: it is within a hair of the optimum, and on 32768 distinct values with 16 entries the
     skipped rows make the whole solve 1.4x faster (the benchmark's solvers row)."""
     back = np.zeros((k, n + 1), dtype=np.int32)
+    no_costs = np.empty((0, 0))  # the plain problem: no layer's costs kept
     run = 32
     while run > 1 and n <= 4 * run * k:  # the merged problem keeps at least 4 points per cluster
         run //= 2
     if run == 1:
-        _layers(p0, p1, p2, n, k, np.inf, back)
+        _layers(p0, p1, p2, n, k, np.inf, back, no_costs)
         return _starts(back, n, k)
     merged = (n + run - 1) // run
     q0, q1, q2 = np.empty(merged + 1), np.empty(merged + 1), np.empty(merged + 1)
@@ -129,24 +141,23 @@ def _segments(p0, p1, p2, n, k):
         q0[t], q1[t], q2[t] = p0[t * run], p1[t * run], p2[t * run]
     q0[merged], q1[merged], q2[merged] = p0[n], p1[n], p2[n]
     merged_back = np.zeros((k, merged + 1), dtype=np.int32)
-    _layers(q0, q1, q2, merged, k, np.inf, merged_back)
+    _layers(q0, q1, q2, merged, k, np.inf, merged_back, no_costs)
     merged_starts = _starts(merged_back, merged, k)
     known = 0.0  # summed in the dynamic program's order
     for c in range(k):
         end = merged_starts[c + 1] * run if c + 1 < k else n
         known = known + _cost(p0, p1, p2, merged_starts[c] * run, end)
     # The margin is far above the rounding of a few hundred additions and far below any real gap.
-    if _layers(p0, p1, p2, n, k, known * (1.0 + 1e-9), back) > known * (1.0 + 1e-9):
-        _layers(p0, p1, p2, n, k, np.inf, back)  # never seen; kept so that a rounding surprise costs time only
+    if _layers(p0, p1, p2, n, k, known * (1.0 + 1e-9), back, no_costs) > known * (1.0 + 1e-9):
+        _layers(p0, p1, p2, n, k, np.inf, back, no_costs)  # never seen; kept so that a rounding surprise costs time only
     return _starts(back, n, k)
 
 
 @njit(cache=True)
-def _cluster_one(values, weights, order, k, centroids, labels):
-    """Optimal k-means of one group; fills centroids (ascending, zero-padded) and labels.
-    ``order`` sorts ``values`` (equal values in any order: see below)."""
+def _merge_equal(values, weights, order):
+    """Equal values merged into points: (values ascending, summed weights, counts, each value's
+    point, number of points). ``order`` sorts ``values`` (equal values in any order: see below)."""
     n_values = values.size
-    # Merge equal values: fewer points, same optimum.
     unique = np.empty(n_values)
     unique_weight = np.zeros(n_values)
     unique_count = np.zeros(n_values)
@@ -168,9 +179,13 @@ def _cluster_one(values, weights, order, k, centroids, labels):
             unique[point] = values[index]
         unique_weight[point] += weights[index]
         unique_count[point] += 1.0
-    n += 1
-    clusters = min(k, n)
-    # Prefix sums around the weighted mean, in float64, keep the subtraction in _cost accurate.
+    return unique, unique_weight, unique_count, slot, n + 1
+
+
+@njit(cache=True)
+def _centred_sums(unique, unique_weight, n):
+    """Prefix sums of weight, weight x and weight x^2 around the weighted mean (float64, so
+    that the subtraction in _cost stays accurate), and that mean."""
     total_weight = unique_weight[:n].sum()
     centre = (unique_weight[:n] * unique[:n]).sum() / total_weight if total_weight > 0 else unique[:n].mean()
     p0 = np.zeros(n + 1)
@@ -181,46 +196,150 @@ def _cluster_one(values, weights, order, k, centroids, labels):
         p0[i + 1] = p0[i] + unique_weight[i]
         p1[i + 1] = p1[i] + unique_weight[i] * x
         p2[i + 1] = p2[i] + unique_weight[i] * x * x
-    starts = _segments(p0, p1, p2, n, clusters)
-    cluster_of_unique = np.empty(n, dtype=np.int64)
-    centroids[:] = 0.0
-    for c in range(clusters):
-        begin = starts[c]
-        end = starts[c + 1] if c + 1 < clusters else n
-        weight = p0[end] - p0[begin]
-        if weight > 0:
-            centroids[c] = (p1[end] - p1[begin]) / weight + centre
-        else:  # every point has zero importance: their plain mean
-            total, count = 0.0, 0.0
-            for i in range(begin, end):
-                total += unique[i] * unique_count[i]
-                count += unique_count[i]
-            centroids[c] = total / count
-    # Each value takes its nearest entry. For values that carry weight this is their
-    # segment already (else the partition would not be optimal); a value with zero
-    # importance (e.g. the embedding row of a token the calibration data never used)
-    # is free to go anywhere in the weighted objective, and the nearest entry keeps it intact.
+    return centre, p0, p1, p2
+
+
+@njit(cache=True)
+def _segment_mean(unique, unique_count, p0, p1, centre, begin, end):
+    """A cluster's entry: its points' weighted mean; their plain mean when none carries weight."""
+    weight = p0[end] - p0[begin]
+    if weight > 0:
+        return (p1[end] - p1[begin]) / weight + centre
+    total, count = 0.0, 0.0
+    for i in range(begin, end):
+        total += unique[i] * unique_count[i]
+        count += unique_count[i]
+    return total / count
+
+
+@njit(cache=True)
+def _nearest_labels(unique, n, entries, entry_index, slot, labels):
+    """Each value takes its nearest entry (``entries`` ascending; ties: the lower one). For values
+    that carry weight this is their segment already (else the partition would not be optimal); a
+    value with zero importance (e.g. the embedding row of a token the calibration data never used)
+    is free to go anywhere in the weighted objective, and the nearest entry keeps it intact."""
+    point_label = np.empty(n, dtype=np.int64)
     c = 0
     for i in range(n):
-        while c + 1 < clusters and unique[i] - centroids[c] > centroids[c + 1] - unique[i]:
+        while c + 1 < entries.size and unique[i] - entries[c] > entries[c + 1] - unique[i]:
             c += 1
-        cluster_of_unique[i] = c
-    for index in range(n_values):
-        labels[index] = cluster_of_unique[slot[index]]
+        point_label[i] = entry_index[c]
+    for index in range(slot.size):
+        labels[index] = point_label[slot[index]]
+
+
+@njit(cache=True)
+def _cluster_one(values, weights, order, k, centroids, labels):
+    """Optimal k-means of one group; fills centroids (ascending, zero-padded) and labels.
+    ``order`` sorts ``values``."""
+    unique, unique_weight, unique_count, slot, n = _merge_equal(values, weights, order)  # fewer points, same optimum
+    clusters = min(k, n)
+    centre, p0, p1, p2 = _centred_sums(unique, unique_weight, n)
+    starts = _segments(p0, p1, p2, n, clusters)
+    centroids[:] = 0.0
+    for c in range(clusters):
+        centroids[c] = _segment_mean(unique, unique_count, p0, p1, centre, starts[c],
+                                     starts[c + 1] if c + 1 < clusters else n)
+    _nearest_labels(unique, n, centroids[:clusters], np.arange(clusters), slot, labels)
+
+
+@njit(cache=True)
+def _beside_zero(xs, ws, counts, most):
+    """The points on one side of a fixed entry at zero, ``xs`` ascending and all negative: for
+    l = 0..most free clusters, the least cost of l clusters over xs[:a] plus the points from a on
+    taking the entry zero, over every a. Returns (cost per l, its a per l, back pointers, the
+    prefix sums and their centre)."""
+    n = xs.size
+    most = min(most, n)
+    if n == 0:
+        return np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros((1, 1), dtype=np.int32), 0.0, np.zeros(1), np.zeros(1)
+    at_zero = np.zeros(n + 1)  # at_zero[a]: cost of xs[a:] at the entry zero
+    for j in range(n - 1, -1, -1):
+        at_zero[j] = at_zero[j + 1] + ws[j] * xs[j] * xs[j]
+    best = np.full(most + 1, np.inf)
+    split = np.zeros(most + 1, dtype=np.int64)
+    best[0] = at_zero[0]
+    centre, p0, p1, p2 = _centred_sums(xs, ws, n)
+    back = np.zeros((max(most, 1), n + 1), dtype=np.int32)
+    if most > 0:
+        costs = np.empty((most, n + 1))
+        _layers(p0, p1, p2, n, most, np.inf, back, costs)
+        for clusters in range(1, most + 1):
+            for a in range(clusters, n + 1):
+                value = costs[clusters - 1, a] + at_zero[a]
+                if value < best[clusters]:
+                    best[clusters], split[clusters] = value, a
+    return best, split, back, centre, p0, p1
+
+
+@njit(cache=True)
+def _cluster_one_keeping_zero(values, weights, order, k, table, labels):
+    """Optimal k-means of one group with entry 0 fixed at zero (a pruned weight stays zero) and
+    k - 1 free entries (ascending, zero-padded): the free clusters lie on either side of the
+    points that take zero, so each side is its own dynamic program (the negative values, and
+    the positive ones mirrored), kept for every number of clusters and every split, and the
+    best division of the k - 1 entries between the sides wins. A value closer to zero than to
+    any entry becomes zero too: that costs less than spending an entry on it."""
+    unique, unique_weight, unique_count, slot, n = _merge_equal(values, weights, order)
+    negatives = 0
+    while negatives < n and unique[negatives] < 0.0:
+        negatives += 1
+    first_positive = negatives + 1 if negatives < n and unique[negatives] == 0.0 else negatives
+    right = n - first_positive
+    mirrored = -unique[first_positive:n][::-1].copy()
+    mirrored_weight = unique_weight[first_positive:n][::-1].copy()
+    mirrored_count = unique_count[first_positive:n][::-1].copy()
+    free = min(k - 1, negatives + right)
+    left_best, left_split, left_back, left_centre, left_p0, left_p1 = _beside_zero(
+        unique[:negatives].copy(), unique_weight[:negatives].copy(), unique_count[:negatives].copy(), free)
+    right_best, right_split, right_back, right_centre, right_p0, right_p1 = _beside_zero(
+        mirrored, mirrored_weight, mirrored_count, free)
+    best, left_clusters = np.inf, max(0, free - right)
+    for clusters in range(max(0, free - right), min(free, negatives) + 1):
+        value = left_best[clusters] + right_best[free - clusters]
+        if value < best:
+            best, left_clusters = value, clusters
+    right_clusters = free - left_clusters
+    table[:] = 0.0
+    entries = np.zeros(free + 1)  # ascending: the left entries, zero, the right entries
+    entry_index = np.zeros(free + 1, dtype=np.int64)
+    if left_clusters > 0:
+        end = left_split[left_clusters]
+        starts = _starts(left_back, end, left_clusters)
+        for c in range(left_clusters):
+            table[1 + c] = _segment_mean(unique, unique_count, left_p0, left_p1, left_centre, starts[c],
+                                         starts[c + 1] if c + 1 < left_clusters else end)
+            entries[c], entry_index[c] = table[1 + c], 1 + c
+    entries[left_clusters], entry_index[left_clusters] = 0.0, 0
+    if right_clusters > 0:
+        end = right_split[right_clusters]
+        starts = _starts(right_back, end, right_clusters)
+        for c in range(right_clusters):  # mirrored clusters run from the largest value down
+            mean = -_segment_mean(mirrored, mirrored_count, right_p0, right_p1, right_centre, starts[c],
+                                  starts[c + 1] if c + 1 < right_clusters else end)
+            position = left_clusters + right_clusters - c  # ascending entries: the largest last
+            table[position] = mean
+            entries[position], entry_index[position] = mean, position
+    _nearest_labels(unique, n, entries, entry_index, slot, labels)
 
 
 @njit(cache=True, parallel=True)
-def _cluster_groups(values, weights, order, k, centroids, labels):
+def _cluster_groups(values, weights, order, k, centroids, labels, keep_zero):
     for group in prange(values.shape[0]):
-        _cluster_one(values[group], weights[group], order[group], k, centroids[group], labels[group])
+        if keep_zero:
+            _cluster_one_keeping_zero(values[group], weights[group], order[group], k, centroids[group], labels[group])
+        else:
+            _cluster_one(values[group], weights[group], order[group], k, centroids[group], labels[group])
 
 
 def cluster_groups(values: np.ndarray, k: int, weights: np.ndarray | None = None,
-                   threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   threads: int | None = None, keep_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Optimal k-means of each row of ``values`` (groups x n), weighted by ``weights``.
 
     Returns (centroids: groups x k float64, ascending and zero-padded when a group
-    has fewer than k distinct values; labels: groups x n int64)."""
+    has fewer than k distinct values; labels: groups x n int64). With ``keep_zero``
+    entry 0 is zero and the k - 1 others ascending (sparse palettization's table: a
+    pruned weight stays zero, and so does any value nearer zero than to every entry)."""
     values = np.ascontiguousarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] == 0:
         raise ValueError(f"values must be a non-empty (groups, n) array, got shape {values.shape}")
@@ -241,7 +360,7 @@ def cluster_groups(values: np.ndarray, k: int, weights: np.ndarray | None = None
         for begin in range(0, values.shape[0], chunk):
             part = slice(begin, begin + chunk)
             _cluster_groups(values[part], weights[part], np.argsort(values[part], axis=1), k,
-                            centroids[part], labels[part])
+                            centroids[part], labels[part], keep_zero)
     finally:
         set_num_threads(saved)
     return centroids, labels

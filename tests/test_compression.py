@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -139,12 +141,13 @@ def test_weights_round_trip_with_their_metadata(tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["kmeans", "sensitive_kmeans"])
-def test_sparse_gpt_zeros_survive_palettization(tiny_bert, method):
+@pytest.mark.parametrize("solver", ["coremltools", "exact_dp"])
+def test_sparse_gpt_zeros_survive_palettization(tiny_bert, method, solver):
     model = prune(tiny_bert(), PruneConfig(method="sparse_gpt", target_sparsity=0.4), token_batches(4))
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
     values = sensitivity(model, pair_batches(2), cosine_loss) if method == "sensitive_kmeans" else None
     cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16,
-                          num_kmeans_workers=1, kmeans_solver="coremltools")
+                          num_kmeans_workers=1, kmeans_solver=solver)
     model = palettize(model, cfg, values)
     assert keep_pruned_zeros(model, cfg, before, values) == 2 * 6  # every Linear of both layers
     kept, total = zeros_kept(before, model)
@@ -168,3 +171,29 @@ def test_pruned_weights_drop_what_the_converter_drops(tiny_bert):
     snap_like_converter(model)
     assert dense.weight[0, :4].tolist() == pytest.approx([0.0, 0.0, 2e-3, -0.5])
     assert float(dense.weight.detach().abs()[dense.weight.detach() != 0].min()) >= float(np.finfo(np.float16).eps)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "sensitive_kmeans"])
+def test_exact_dp_keeps_pruned_zeros_at_no_more_weight_error_than_coremltools(tiny_bert, method):
+    """exact_dp's sparse tables are optimal with zero as a fixed entry: on every pruned layer the
+    (sensitivity-weighted) weight error is at most coremltools' way's (zero fixed, kmeans1d over
+    the survivors), on some below it, and the zeros survivors take are zeros of the package too."""
+    pruned = prune(tiny_bert(), PruneConfig(method="sparse_gpt", target_sparsity=0.4), token_batches(4))
+    before = {k: v.clone() for k, v in pruned.state_dict().items() if k.endswith(".weight")}
+    values = sensitivity(pruned, pair_batches(2), cosine_loss) if method == "sensitive_kmeans" else None
+    errors = {}
+    for solver in ("coremltools", "exact_dp"):
+        model = copy.deepcopy(pruned)
+        cfg = PalettizeConfig(method=method, n_bits=2, granularity="per_grouped_channel", group_size=16,
+                              num_kmeans_workers=1, kmeans_solver=solver)
+        model = palettize(model, cfg, values)
+        keep_pruned_zeros(model, cfg, before, values)
+        errors[solver] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and f"{name}.weight" in before:
+                importance = values[f"{name}.weight"] if values is not None else 1.0
+                errors[solver][name] = float((importance * (module.weight.detach() - before[f"{name}.weight"]) ** 2).sum())
+    assert errors["exact_dp"].keys() == errors["coremltools"].keys() and len(errors["exact_dp"]) == 12
+    for name, error in errors["exact_dp"].items():
+        assert error <= errors["coremltools"][name] * (1 + 1e-6), name
+    assert sum(errors["exact_dp"].values()) < sum(errors["coremltools"].values()) * 0.999

@@ -109,7 +109,7 @@ def test_rows_skipped_by_the_bound_leave_the_partition_as_the_full_dynamic_progr
         p0, p1, p2, points = _prefix_sums(values, weights)
         clusters = min(k, points)
         full = np.zeros((clusters, points + 1), dtype=np.int32)
-        _layers(p0, p1, p2, points, clusters, np.inf, full)  # no bound: every row of every layer but the last
+        _layers(p0, p1, p2, points, clusters, np.inf, full, np.empty((0, 0)))  # no bound: every row of each layer but the last
         assert np.array_equal(_segments(p0, p1, p2, points, clusters), _starts(full, points, clusters)), trial
 
 
@@ -131,6 +131,68 @@ def test_the_order_the_sort_leaves_equal_values_in_changes_nothing():
         _cluster_one(values, weights, order, 16, centroids, labels)
         results.append((centroids.tobytes(), labels.tobytes()))
     assert results[0] == results[1] == results[2]
+
+
+def _keeping_zero_reference(values: np.ndarray, weights: np.ndarray, k: int) -> float:
+    """The least weighted error of a table with entry 0 at zero and k - 1 free entries, where every
+    exact zero takes entry 0, by the plain O(k n^2) recurrence over the sorted distinct values."""
+    unique, inverse = np.unique(values, return_inverse=True)
+    w = np.bincount(inverse, weights=weights)
+    n = unique.size
+
+    def free(j, i):  # one free entry for points j..i-1: their weighted mean (any value when weightless)
+        weight = w[j:i].sum()
+        if 0.0 in unique[j:i]:
+            return np.inf  # an exact zero must stay zero
+        return 0.0 if weight == 0 else float((w[j:i] * (unique[j:i] - (w[j:i] * unique[j:i]).sum() / weight) ** 2).sum())
+
+    at_zero = lambda j, i: float((w[j:i] * unique[j:i] ** 2).sum())  # noqa: E731
+    inf = np.inf
+    # best[i][c][z]: points before i covered by c free segments, z: the zero segment used
+    best = np.full((n + 1, k, 2), inf)
+    best[0][0][0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(i):
+            for c in range(k):
+                for z in range(2):
+                    if best[j][c][z] == inf:
+                        continue
+                    if c + 1 < k:
+                        best[i][c + 1][z] = min(best[i][c + 1][z], best[j][c][z] + free(j, i))
+                    if z == 0:
+                        best[i][c][1] = min(best[i][c][1], best[j][c][0] + at_zero(j, i))
+    no_zero_segment = best[n, :, 0] if 0.0 not in unique else np.full(k, inf)
+    return float(min(best[n, :, 1].min(), no_zero_segment.min()))
+
+
+def test_tables_keeping_zero_are_optimal_and_keep_every_zero():
+    """Sparse palettization's tables (entry 0 at zero): the least weighted error over every
+    table with a zero entry (a plain recurrence checks it), every exact zero stays zero, and the
+    error is never above coremltools' way (zero fixed, kmeans1d over the surviving values)."""
+    from coreml_pipeline.techniques.palettize import _zero_and_kmeans
+
+    generator = np.random.default_rng(6)
+    better = 0
+    for trial in range(60):
+        n, k = int(generator.integers(1, 50)), int(generator.choice([2, 4, 8]))
+        values = np.round(generator.standard_normal(n), int(generator.integers(1, 3)))
+        values[generator.random(n) < 0.4] = 0.0
+        if trial % 5 == 0:
+            values = np.abs(values)  # one side of zero only
+        weights = generator.random(n) + 1e-3
+        if trial % 3 == 0:
+            weights[generator.random(n) < 0.3] = 0.0
+        tables, labels = cluster_groups(values[None], k, weights[None], keep_zero=True)
+        assert tables[0, 0] == 0.0 and np.all(np.diff(tables[0, 1:][tables[0, 1:] != 0]) > 0), trial
+        got = weighted_error(values[None], tables, labels, weights[None])
+        assert got == pytest.approx(_keeping_zero_reference(values, weights, k), rel=1e-9, abs=1e-12), trial
+        assert np.all(tables[0, labels[0]][values == 0] == 0), trial
+        if (values != 0).any() and weights.all():
+            kept, _ = _zero_and_kmeans(values.astype(np.float32), int(np.log2(k)), weights)
+            theirs = float((weights * (kept - values) ** 2).sum())
+            assert got <= theirs * (1 + 1e-6) + 1e-9, trial
+            better += int(got < theirs * (1 - 1e-6))
+    assert better > 0  # survivors near zero taking the zero entry frees an entry for the rest
 
 
 def test_bad_input_is_refused():

@@ -68,6 +68,7 @@ def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reprodu
     project, first = reproduced
     assert stages_run(first.stdout + first.stderr) == set(STAGES)
     assert "pruned zeros kept: " in first.stderr and "(100.0%)" in first.stderr
+    assert "surviving weights that took the zero entry" in first.stderr
 
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert metrics["num_pairs"] == 48
@@ -91,8 +92,9 @@ def test_dvc_repro_end_to_end_then_downstream_only_rerun_then_bad_config(reprodu
     # palettize.layer_bits: this one layer has an 8-entry table; readback proves the package holds its weights
     assert any(line.startswith("encoder.layer.5.output.dense,384x1536,pruning+palettization,"
                                "constexpr_lut_to_sparse+constexpr_sparse_to_dense,3,12,0.4") for line in layers)
-    # 40% of the 10.6 M Linear weights; the 11.9 M embedding weights stay dense
-    assert 0.17 < metrics["sparsity"] < 0.21
+    # 40% of the 10.6 M Linear weights and the survivors nearer zero than to any entry of exact_dp's sparse
+    # tables (zero is one of them: 2-bit tables, about 45% in all); the 11.9 M embedding weights stay dense
+    assert 0.18 < metrics["sparsity"] < 0.25
 
     program = load_program(project / "artifacts/convert/model.mlpackage")
     op_types = {op.op_type for op in program.functions["main"].operations}

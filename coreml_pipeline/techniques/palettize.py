@@ -299,13 +299,19 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
     40% of the pruned positions turn non-zero again. coremltools offers no
     masked k-means with zero as a fixed entry (its masked mode needs 2**n + 1
     entries), so pruned Linear weights are re-palettized here with the same
-    grouping and the same exact 1-D k-means, and their look-up tables replaced.
-    Returns how many weights were re-palettized.
+    grouping and their look-up tables replaced. With kmeans_solver=exact_dp (and
+    auto) the tables are optimal with zero as a fixed entry: a surviving weight
+    nearer zero than to any entry takes it too (coreml_pipeline/kmeans.py); with
+    coremltools, entry 0 is zero and coremltools' exact 1-D k-means spreads the
+    others over the surviving weights. Returns how many weights were re-palettized.
     """
     from coreml_pipeline.coreml.private import register_compression
+    from coreml_pipeline.kmeans import cluster_groups
 
-    if not get("palettize", cfg.method).kmeans or cfg.enable_per_channel_scale or cfg.lut_dtype:
+    method = get("palettize", cfg.method)
+    if not method.kmeans or cfg.enable_per_channel_scale or cfg.lut_dtype:
         return 0  # scaled or quantized tables: keep coremltools' result (zeros_kept reports it)
+    exact = method.solver(cfg) == "exact_dp"
     done = 0
     for name, module in compressible_weights(model):
         if (not isinstance(module, torch.nn.Linear) or compression_types(module) != [PRUNING, PALETTIZATION]
@@ -314,17 +320,27 @@ def keep_pruned_zeros(model: torch.nn.Module, cfg: PalettizeConfig, pruned: dict
         weight = pruned[f"{name}.weight"].numpy().astype(np.float32)
         importance = sensitivity[f"{name}.weight"].numpy() if sensitivity is not None else None
         group = cfg.group_size if cfg.granularity == "per_grouped_channel" else weight.shape[0]
-        new_weight = np.zeros_like(weight)
-        tables = []
-        for start in range(0, weight.shape[0], group):  # Linear groups run along output channels
-            rows = slice(start, start + group)
-            values, lut = _zero_and_kmeans(weight[rows].ravel(), layer_n_bits(cfg, name, False),
-                                           None if importance is None else importance[rows].ravel())
-            new_weight[rows] = values.reshape(weight[rows].shape)
-            tables.append(lut)
+        n_bits = layer_n_bits(cfg, name, False)
+        if exact:  # Linear groups run along output channels: each group is `group` consecutive rows
+            grouped = weight.reshape(weight.shape[0] // group, -1)
+            tables, labels = cluster_groups(grouped, 2 ** n_bits, None if importance is None else
+                                            importance.reshape(grouped.shape), threads=cfg.num_kmeans_workers,
+                                            keep_zero=True)
+            tables = tables.astype(np.float32)  # as coremltools casts its float64 centroids to the weight's dtype
+            new_weight = np.take_along_axis(tables, labels, axis=1).reshape(weight.shape)
+        else:
+            new_weight = np.zeros_like(weight)
+            tables = []
+            for start in range(0, weight.shape[0], group):
+                rows = slice(start, start + group)
+                values, lut = _zero_and_kmeans(weight[rows].ravel(), n_bits,
+                                               None if importance is None else importance[rows].ravel())
+                new_weight[rows] = values.reshape(weight[rows].shape)
+                tables.append(lut)
+            tables = np.stack(tables)
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(new_weight))
-        lut = torch.from_numpy(np.stack(tables))[:, None, :, None]  # (groups, 1, 2**n, 1) as coremltools lays it out
+        lut = torch.from_numpy(tables)[:, None, :, None]  # (groups, 1, 2**n, 1) as coremltools lays it out
         register_compression(module, lut=lut)
         done += 1
     return done
@@ -358,6 +374,18 @@ def zeros_kept(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple
     return kept, total
 
 
+def survivors_zeroed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[int, int]:
+    """(surviving weights that took the zero entry, surviving weights) over every pruned weight."""
+    zeroed = total = 0
+    for name, module in compressible_weights(model):
+        if PRUNING not in compression_types(module):
+            continue
+        alive = before[f"{name}.weight"] != 0
+        total += int(alive.sum())
+        zeroed += int((module.weight.detach()[alive] == 0).sum())
+    return zeroed, total
+
+
 def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: Mapping[str, torch.Tensor] | None = None,
         log=None) -> torch.nn.Module:
     """The whole stage on a model in memory: palettize, check, keep pruned zeros,
@@ -378,4 +406,7 @@ def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: Mapping[str, 
     kept, total = zeros_kept(before, model)
     if total:
         log.info("pruned zeros kept: %d of %d (%.1f%%)", kept, total, 100.0 * kept / total)
+        zeroed, alive = survivors_zeroed(before, model)
+        log.info("surviving weights that took the zero entry (nearer zero than to any other): %d of %d (%.1f%%)",
+                 zeroed, alive, 100.0 * zeroed / max(alive, 1))
     return model
