@@ -40,27 +40,29 @@ def _cost(p0, p1, p2, j, i):
 
 
 @njit(cache=True)
-def _layers(p0, p1, p2, n, k, bound, back, costs):
+def _layers(p0, p1, p2, n, k, bound, back, tail, tail_best, tail_split):
     """The dynamic program's layers by divide and conquer; back[m, i] is where cluster m starts
     when m + 1 clusters cover the first i points. Returns the optimum's cost.
 
-    ``costs`` of shape (k, n + 1) asks for every layer's rows up to n, each cost kept there (the
-    points beside a fixed entry: any prefix may end the free clusters); of shape (0, 0), for
-    the plain problem, only what the last row needs.
+    A non-empty ``tail`` (the points beside a fixed entry: any prefix may end the free
+    clusters, the rest costing tail[i]) asks for every layer's rows up to n, and fills
+    tail_best[c] and tail_split[c] with the least cost[c clusters over i points] + tail[i] and
+    its i as each layer is done (O(n) memory beside the back-pointers, not O(k n) of costs);
+    empty, for the plain problem, only what the last row needs is computed.
 
     A prefix whose cost already exceeds ``bound`` (the cost of a known partition of all n points)
     cannot start any optimal partition: its row and the rows right of it (costlier still) are
     skipped and never offered to the next layer; the last layer computes only the nodes on the
     way to row n. Every row kept is computed by the same nodes with the same candidate ranges
     as in the full dynamic program, so the partition is the same, ties included."""
-    keep = costs.shape[0] > 0
+    keep = tail.size > 0
     previous = np.empty(n + 1)
     current = np.empty(n + 1)
     previous[0] = 0.0
     for i in range(1, n + 1):
         previous[i] = _cost(p0, p1, p2, 0, i)
     if keep:
-        costs[0, :] = previous
+        _best_split(previous, tail, 1, n, tail_best, tail_split, 1)
     previous_highest = n - (k - 1) if not keep else n
     usable = n  # the last row of the previous layer within the bound
     for i in range(1, n + 1):
@@ -104,9 +106,18 @@ def _layers(p0, p1, p2, n, k, bound, back, costs):
         usable = cutoff
         previous_highest = highest
         if keep:
-            costs[m, :] = current
+            _best_split(current, tail, lowest, highest, tail_best, tail_split, m + 1)
         previous, current = current, previous
     return previous[n]
+
+
+@njit(cache=True)
+def _best_split(costs, tail, first, last, best, split, clusters):
+    """best[clusters] and split[clusters]: the least costs[i] + tail[i] over rows first..last, and its i."""
+    for i in range(first, last + 1):
+        value = costs[i] + tail[i]
+        if value < best[clusters]:
+            best[clusters], split[clusters] = value, i
 
 
 @njit(cache=True)
@@ -129,12 +140,12 @@ def _segments(p0, p1, p2, n, k):
     points: it is within a hair of the optimum, and on 32768 distinct values with 16 entries the
     skipped rows take the cost evaluations from 6.15 M to about 3.6 M."""
     back = np.zeros((k, n + 1), dtype=np.int32)
-    no_costs = np.empty((0, 0))  # the plain problem: no layer's costs kept
+    no_tail, no_best, no_split = np.empty(0), np.empty(0), np.empty(0, dtype=np.int64)  # the plain problem
     run = 32
     while run > 1 and n <= 4 * run * k:  # the merged problem keeps at least 4 points per cluster
         run //= 2
     if run == 1:
-        _layers(p0, p1, p2, n, k, np.inf, back, no_costs)
+        _layers(p0, p1, p2, n, k, np.inf, back, no_tail, no_best, no_split)
         return _starts(back, n, k)
     merged = (n + run - 1) // run
     q0, q1, q2 = np.empty(merged + 1), np.empty(merged + 1), np.empty(merged + 1)
@@ -142,15 +153,15 @@ def _segments(p0, p1, p2, n, k):
         q0[t], q1[t], q2[t] = p0[t * run], p1[t * run], p2[t * run]
     q0[merged], q1[merged], q2[merged] = p0[n], p1[n], p2[n]
     merged_back = np.zeros((k, merged + 1), dtype=np.int32)
-    _layers(q0, q1, q2, merged, k, np.inf, merged_back, no_costs)
+    _layers(q0, q1, q2, merged, k, np.inf, merged_back, no_tail, no_best, no_split)
     merged_starts = _starts(merged_back, merged, k)
     known = 0.0  # summed in the dynamic program's order
     for c in range(k):
         end = merged_starts[c + 1] * run if c + 1 < k else n
         known = known + _cost(p0, p1, p2, merged_starts[c] * run, end)
     # The margin is far above the rounding of a few hundred additions and far below any real gap.
-    if _layers(p0, p1, p2, n, k, known * (1.0 + 1e-9), back, no_costs) > known * (1.0 + 1e-9):
-        _layers(p0, p1, p2, n, k, np.inf, back, no_costs)  # never seen; kept so that a rounding surprise costs time only
+    if _layers(p0, p1, p2, n, k, known * (1.0 + 1e-9), back, no_tail, no_best, no_split) > known * (1.0 + 1e-9):
+        _layers(p0, p1, p2, n, k, np.inf, back, no_tail, no_best, no_split)  # never seen: a rounding surprise costs time only
     return _starts(back, n, k)
 
 
@@ -263,13 +274,7 @@ def _beside_zero(xs, ws, counts, most):
     centre, p0, p1, p2 = _centred_sums(xs, ws, n)
     back = np.zeros((max(most, 1), n + 1), dtype=np.int32)
     if most > 0:
-        costs = np.empty((most, n + 1))
-        _layers(p0, p1, p2, n, most, np.inf, back, costs)
-        for clusters in range(1, most + 1):
-            for a in range(clusters, n + 1):
-                value = costs[clusters - 1, a] + at_zero[a]
-                if value < best[clusters]:
-                    best[clusters], split[clusters] = value, a
+        _layers(p0, p1, p2, n, most, np.inf, back, at_zero, best, split)
     return best, split, back, centre, p0, p1
 
 

@@ -109,7 +109,8 @@ def test_rows_skipped_by_the_bound_leave_the_partition_as_the_full_dynamic_progr
         p0, p1, p2, points = _prefix_sums(values, weights)
         clusters = min(k, points)
         full = np.zeros((clusters, points + 1), dtype=np.int32)
-        _layers(p0, p1, p2, points, clusters, np.inf, full, np.empty((0, 0)))  # no bound: every row of each layer but the last
+        empty = np.empty(0)  # no bound and no fixed entry: every row of each layer but the last
+        _layers(p0, p1, p2, points, clusters, np.inf, full, empty, empty, np.empty(0, dtype=np.int64))
         assert np.array_equal(_segments(p0, p1, p2, points, clusters), _starts(full, points, clusters)), trial
 
 
