@@ -256,7 +256,7 @@ def _cluster_one(values, weights, order, k, centroids, labels):
 
 
 @njit(cache=True)
-def _beside_zero(xs, ws, counts, most):
+def _beside_zero(xs, ws, most):
     """The points on one side of a fixed entry at zero, ``xs`` ascending and all negative: for
     l = 0..most free clusters, the least cost of l clusters over xs[:a] plus the points from a on
     taking the entry zero, over every a. Returns (cost per l, its a per l, back pointers, the
@@ -294,12 +294,12 @@ def _cluster_one_keeping_zero(values, weights, order, k, table, labels):
     right = n - first_positive
     mirrored = -unique[first_positive:n][::-1].copy()
     mirrored_weight = unique_weight[first_positive:n][::-1].copy()
-    mirrored_count = unique_count[first_positive:n][::-1].copy()
+    mirrored_count = unique_count[first_positive:n][::-1].copy()  # for a weightless cluster's plain mean
     free = min(k - 1, negatives + right)
     left_best, left_split, left_back, left_centre, left_p0, left_p1 = _beside_zero(
-        unique[:negatives].copy(), unique_weight[:negatives].copy(), unique_count[:negatives].copy(), free)
+        unique[:negatives].copy(), unique_weight[:negatives].copy(), free)
     right_best, right_split, right_back, right_centre, right_p0, right_p1 = _beside_zero(
-        mirrored, mirrored_weight, mirrored_count, free)
+        mirrored, mirrored_weight, free)
     best, left_clusters = np.inf, max(0, free - right)
     for clusters in range(max(0, free - right), min(free, negatives) + 1):
         value = left_best[clusters] + right_best[free - clusters]
