@@ -212,16 +212,22 @@ def _centred_sums(unique, unique_weight, n):
 
 
 @njit(cache=True)
-def _segment_mean(unique, unique_count, p0, p1, centre, begin, end):
-    """A cluster's entry: its points' weighted mean; their plain mean when none carries weight."""
-    weight = p0[end] - p0[begin]
-    if weight > 0:
-        return (p1[end] - p1[begin]) / weight + centre
-    total, count = 0.0, 0.0
-    for i in range(begin, end):
-        total += unique[i] * unique_count[i]
-        count += unique_count[i]
-    return total / count
+def _segment_means(unique, unique_count, p0, p1, centre, starts, end):
+    """The entries of the clusters starting at ``starts`` (the last ending at ``end``): each its
+    points' weighted mean, their plain mean when none carries weight."""
+    means = np.empty(starts.size)
+    for c in range(starts.size):
+        begin, stop = starts[c], starts[c + 1] if c + 1 < starts.size else end
+        weight = p0[stop] - p0[begin]
+        if weight > 0:
+            means[c] = (p1[stop] - p1[begin]) / weight + centre
+        else:
+            total, count = 0.0, 0.0
+            for i in range(begin, stop):
+                total += unique[i] * unique_count[i]
+                count += unique_count[i]
+            means[c] = total / count
+    return means
 
 
 @njit(cache=True)
@@ -247,11 +253,8 @@ def _cluster_one(values, weights, order, k, centroids, labels):
     unique, unique_weight, unique_count, slot, n = _merge_equal(values, weights, order)  # fewer points, same optimum
     clusters = min(k, n)
     centre, p0, p1, p2 = _centred_sums(unique, unique_weight, n)
-    starts = _segments(p0, p1, p2, n, clusters)
     centroids[:] = 0.0
-    for c in range(clusters):
-        centroids[c] = _segment_mean(unique, unique_count, p0, p1, centre, starts[c],
-                                     starts[c + 1] if c + 1 < clusters else n)
+    centroids[:clusters] = _segment_means(unique, unique_count, p0, p1, centre, _segments(p0, p1, p2, n, clusters), n)
     _nearest_labels(unique, n, centroids[:clusters], np.arange(clusters), slot, labels)
 
 
@@ -307,25 +310,18 @@ def _cluster_one_keeping_zero(values, weights, order, k, table, labels):
             best, left_clusters = value, clusters
     right_clusters = free - left_clusters
     table[:] = 0.0
-    entries = np.zeros(free + 1)  # ascending: the left entries, zero, the right entries
-    entry_index = np.zeros(free + 1, dtype=np.int64)
     if left_clusters > 0:
         end = left_split[left_clusters]
-        starts = _starts(left_back, end, left_clusters)
-        for c in range(left_clusters):
-            table[1 + c] = _segment_mean(unique, unique_count, left_p0, left_p1, left_centre, starts[c],
-                                         starts[c + 1] if c + 1 < left_clusters else end)
-            entries[c], entry_index[c] = table[1 + c], 1 + c
-    entries[left_clusters], entry_index[left_clusters] = 0.0, 0
-    if right_clusters > 0:
+        table[1:1 + left_clusters] = _segment_means(unique[:negatives], unique_count[:negatives], left_p0, left_p1,
+                                                    left_centre, _starts(left_back, end, left_clusters), end)
+    if right_clusters > 0:  # mirrored clusters run from the largest value down
         end = right_split[right_clusters]
-        starts = _starts(right_back, end, right_clusters)
-        for c in range(right_clusters):  # mirrored clusters run from the largest value down
-            mean = -_segment_mean(mirrored, mirrored_count, right_p0, right_p1, right_centre, starts[c],
-                                  starts[c + 1] if c + 1 < right_clusters else end)
-            position = left_clusters + right_clusters - c  # ascending entries: the largest last
-            table[position] = mean
-            entries[position], entry_index[position] = mean, position
+        table[1 + left_clusters:1 + free] = -_segment_means(mirrored, mirrored_count, right_p0, right_p1, right_centre,
+                                                            _starts(right_back, end, right_clusters), end)[::-1]
+    # The entries ascending, with their places in the table: the negative ones, zero (entry 0), the positive ones.
+    entries = np.concatenate((table[1:1 + left_clusters], np.zeros(1), table[1 + left_clusters:1 + free]))
+    entry_index = np.concatenate((np.arange(1, 1 + left_clusters), np.zeros(1, dtype=np.int64),
+                                  np.arange(1 + left_clusters, 1 + free)))
     _nearest_labels(unique, n, entries, entry_index, slot, labels)
 
 

@@ -362,28 +362,26 @@ def check_all_palettized(model: torch.nn.Module, cfg: PalettizeConfig) -> None:
             f"(channels not divisible by the group): {', '.join(skipped[:4])}")
 
 
+def _zero_after(before: dict[str, torch.Tensor], model: torch.nn.Module, was_zero: bool) -> tuple[int, int]:
+    """(those now zero, all) of the weights that were zero (``was_zero``) or not before palettizing,
+    over every pruned weight."""
+    now_zero = total = 0
+    for name, module in compressible_weights(model):
+        if PRUNING in compression_types(module):
+            chosen = (before[f"{name}.weight"] == 0) == was_zero
+            total += int(chosen.sum())
+            now_zero += int((module.weight.detach()[chosen] == 0).sum())
+    return now_zero, total
+
+
 def zeros_kept(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[int, int]:
     """(pruned zeros still zero, pruned zeros) over every pruned weight."""
-    kept = total = 0
-    for name, module in compressible_weights(model):
-        if PRUNING not in compression_types(module):
-            continue
-        zero = before[f"{name}.weight"] == 0
-        total += int(zero.sum())
-        kept += int((module.weight.detach()[zero] == 0).sum())
-    return kept, total
+    return _zero_after(before, model, was_zero=True)
 
 
 def survivors_zeroed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[int, int]:
     """(surviving weights that took the zero entry, surviving weights) over every pruned weight."""
-    zeroed = total = 0
-    for name, module in compressible_weights(model):
-        if PRUNING not in compression_types(module):
-            continue
-        alive = before[f"{name}.weight"] != 0
-        total += int(alive.sum())
-        zeroed += int((module.weight.detach()[alive] == 0).sum())
-    return zeroed, total
+    return _zero_after(before, model, was_zero=False)
 
 
 def run(model: torch.nn.Module, cfg: PalettizeConfig, sensitivity: Mapping[str, torch.Tensor] | None = None,
